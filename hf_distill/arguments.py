@@ -1,0 +1,89 @@
+"""`DistillationTrainingArguments`: `TrainingArguments` plus the knowledge-distillation settings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .losses import DISTILLATION_LOSSES
+
+
+@dataclass
+class DistillationTrainingArguments(TrainingArguments):
+    """[`~transformers.TrainingArguments`] with the knowledge-distillation settings of [`DistillationTrainer`].
+
+    The student minimises ``alpha · T² · D(teacher_T ‖ student_T) + (1 − alpha) · label_loss`` (see
+    `hf_distill.losses`). Usable with [`~transformers.HfArgumentParser`] from flags, JSON or YAML.
+
+    Defaults, and why:
+
+    * ``temperature=2.0`` — high enough to expose the teacher's "dark knowledge" in the relative probabilities of wrong
+      classes, low enough for small students: Hinton et al. found T in 2.5–4 best for very small students and any
+      T > 8 about equally good for large ones; DistilBERT used 2. Raise it (e.g. 20, the paper's MNIST value) for
+      students nearly as large as the teacher.
+    * ``alpha=0.9`` — the paper found "a considerably lower weight on the second [label] objective" works best.
+    * ``distillation_loss="kl"`` — the paper's soft-target loss (forward KL has the same gradient as its
+      cross-entropy).
+    * ``jsd_beta=0.5`` — the symmetric Jensen–Shannon divergence, when ``distillation_loss="jsd"``.
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+
+    temperature: float = field(
+        default=2.0,
+        metadata={"help": "Softmax temperature T > 0 of the soft targets; the KD term is multiplied by T²."},
+    )
+    alpha: float = field(
+        default=0.9,
+        metadata={
+            "help": "Weight in [0, 1] of the distillation term; the label loss gets 1 - alpha. alpha=1 needs no labels,"
+            " alpha=0 is plain supervised training."
+        },
+    )
+    distillation_loss: str = field(
+        default="kl",
+        metadata={
+            "help": "Divergence between teacher and student: 'kl' (forward KL(teacher||student), Hinton's), "
+            "'reverse_kl', 'jsd' (generalized Jensen-Shannon, see jsd_beta) or 'mse' (logit matching).",
+            "choices": list(DISTILLATION_LOSSES),
+        },
+    )
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={"help": "Mixture weight beta in (0, 1) of the generalized JSD: m = beta*teacher + (1-beta)*student."},
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for `from_pretrained` when the teacher is given as a path or Hub id, e.g. "
+            '\'{"dtype": "bfloat16", "revision": "main"}\'.'
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        # Validated here, before any model is built or data is read, so a typo costs nothing.
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"`temperature` must be a finite number > 0, got {self.temperature!r}; e.g. temperature=2.0.")
+        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(
+                f"`alpha` must be in [0, 1] (the weight of the distillation term), got {self.alpha!r}; "
+                "e.g. alpha=0.9."
+            )
+        if self.distillation_loss not in DISTILLATION_LOSSES:
+            raise ValueError(
+                f"Unknown `distillation_loss` {self.distillation_loss!r}; choose one of {list(DISTILLATION_LOSSES)}."
+            )
+        if not (isinstance(self.jsd_beta, (int, float)) and 0.0 < self.jsd_beta < 1.0):
+            raise ValueError(
+                f"`jsd_beta` must be strictly between 0 and 1, got {self.jsd_beta!r}; for the limits use "
+                "distillation_loss='kl' (beta -> 0) or 'reverse_kl' (beta -> 1)."
+            )
+        if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
+            raise ValueError(
+                "`teacher_model_init_kwargs` must be a dict (or a JSON object string on the command line), got "
+                f"{self.teacher_model_init_kwargs!r}."
+            )

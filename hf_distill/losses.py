@@ -1,0 +1,142 @@
+"""The knowledge-distillation math, as pure functions.
+
+Notation (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network"):
+
+* ``z`` student logits, ``v`` teacher logits, both ``[..., V]`` (``V`` classes or vocabulary entries);
+* ``T`` the temperature; ``p = softmax(z / T)`` the student's and ``q = softmax(v / T)`` the teacher's
+  tempered distributions.
+
+Every divergence below is computed per *position* (a row of a classifier, a token of a token-level model) in
+float32 with ``log_softmax``, whatever the dtype of the inputs, and returns ``T² · D(q ‖ p)`` — the T² factor keeps the
+gradient magnitude independent of ``T`` (the paper's §2). With that factor the gradient of the forward KL with respect
+to the student logits is exactly ``T · (p − q)``, i.e. ``T²`` times the paper's ``(1/T)(p_i − q_i)``.
+
+The trainer reduces these per-position values with :func:`masked_sum` and divides by the number of counted positions
+of the whole (gradient-accumulated, all-process) batch, so the KD term is a mean over counted positions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+DistillationLossType = Literal["kl", "reverse_kl", "jsd", "mse"]
+DISTILLATION_LOSSES: tuple[str, ...] = ("kl", "reverse_kl", "jsd", "mse")
+
+IGNORE_INDEX = -100
+
+
+def _kl_from_log_probs(log_target: torch.Tensor, log_input: torch.Tensor) -> torch.Tensor:
+    """``KL(target ‖ input) = Σ_i target_i (log target_i − log input_i)`` over the last axis, from log-probabilities.
+
+    Terms with ``target_i = 0`` contribute 0 (``exp(-inf) * finite`` is handled by ``F.kl_div``'s ``log_target``).
+    """
+    return F.kl_div(log_input, log_target, reduction="none", log_target=True).sum(-1)
+
+
+def distillation_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float,
+    loss_type: DistillationLossType = "kl",
+    jsd_beta: float = 0.5,
+) -> torch.Tensor:
+    """Per-position soft-target loss ``T² · D(q ‖ p)``.
+
+    Args:
+        student_logits: ``[..., V]`` student logits ``z`` (any float dtype; upcast to float32).
+        teacher_logits: ``[..., V]`` teacher logits ``v``, same shape.
+        temperature: ``T > 0``.
+        loss_type:
+            * ``"kl"`` — forward ``KL(q ‖ p) = Σ q (log q − log p)``, Hinton's soft-target cross-entropy minus the
+              teacher entropy (same gradient). ``∂/∂z = T (p − q)`` after the ``T²`` factor.
+            * ``"reverse_kl"`` — ``KL(p ‖ q) = Σ p (log p − log q)``, mode seeking.
+            * ``"jsd"`` — generalized Jensen–Shannon divergence with ``m = β q + (1 − β) p``:
+              ``β KL(q ‖ m) + (1 − β) KL(p ‖ m)`` (TRL's GKD convention; ``β = jsd_beta`` in (0, 1), 0.5 is the
+              symmetric JSD).
+            * ``"mse"`` — logit matching, the paper's high-temperature limit: ``(1 / 2V) Σ_i (z̃_i − ṽ_i)²`` where
+              ``z̃, ṽ`` are the logits centred to zero mean over the last axis (softmax ignores a per-row shift, and
+              the paper's limit assumes zero-mean logits). Its gradient ``(1/V)(z̃ − ṽ)`` is exactly the paper's
+              ``T² · (1 / (V T²)) (z_i − v_i)``, so the value does not depend on ``T``.
+        jsd_beta: the mixture weight ``β`` of ``"jsd"``; ignored otherwise.
+
+    Returns:
+        ``[...]`` float32 tensor: ``T² · D`` for each position (no reduction).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must have"
+            " the same shape."
+        )
+    student_logits = student_logits.float()
+    teacher_logits = teacher_logits.float()
+
+    if loss_type == "mse":
+        difference = student_logits - teacher_logits
+        difference = difference - difference.mean(dim=-1, keepdim=True)
+        return 0.5 * difference.pow(2).mean(dim=-1)
+
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if loss_type == "kl":
+        divergence = _kl_from_log_probs(teacher_log_probs, student_log_probs)
+    elif loss_type == "reverse_kl":
+        divergence = _kl_from_log_probs(student_log_probs, teacher_log_probs)
+    elif loss_type == "jsd":
+        mixture_log_probs = torch.logsumexp(
+            torch.stack([teacher_log_probs + torch.log(torch.tensor(jsd_beta)),
+                         student_log_probs + torch.log(torch.tensor(1.0 - jsd_beta))]),
+            dim=0,
+        )
+        divergence = jsd_beta * _kl_from_log_probs(teacher_log_probs, mixture_log_probs) + (
+            1.0 - jsd_beta
+        ) * _kl_from_log_probs(student_log_probs, mixture_log_probs)
+    else:
+        raise ValueError(f"Unknown distillation loss {loss_type!r}; choose one of {DISTILLATION_LOSSES}.")
+    return divergence * temperature**2
+
+
+def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Align a causal LM's logits with the tokens they predict, exactly as its label loss does.
+
+    The logit at position ``t`` predicts token ``t + 1``: returns ``logits[:, :-1]`` ``[B, L-1, V]`` and
+    ``labels[:, 1:]`` ``[B, L-1]`` (``None`` stays ``None``).
+    """
+    return logits[..., :-1, :], None if labels is None else labels[..., 1:]
+
+
+def position_mask(labels: torch.Tensor | None, attention_mask: torch.Tensor | None, logits_shape: torch.Size):
+    """Boolean ``[...]`` mask of the positions that count, for logits of shape ``[..., V]``.
+
+    A position counts when its label is not ``-100``; without labels, when ``attention_mask`` is 1; with neither, all
+    positions count.
+    """
+    if labels is not None:
+        return labels.ne(IGNORE_INDEX)
+    if attention_mask is not None:
+        return attention_mask.bool()
+    return torch.ones(logits_shape[:-1], dtype=torch.bool)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``Σ values[mask]`` as a float32 scalar; ``values`` and ``mask`` share their shape ``[...]``.
+
+    ``torch.where`` (not multiplication) keeps a NaN/inf at an uncounted position — e.g. padding — out of the sum.
+    """
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+
+
+def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy at T = 1 over positions whose label is not -100 (``logits [..., V]``, ``labels [...]``).
+
+    Used as the label loss only for students that do not compute a loss themselves (e.g. a plain ``nn.Module``).
+    """
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def agreement_count(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Number of counted positions where ``argmax`` of student and teacher logits agree (``[..., V]`` → scalar)."""
+    return (student_logits.argmax(-1).eq(teacher_logits.argmax(-1)) & mask).sum()
