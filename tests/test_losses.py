@@ -48,7 +48,8 @@ def test_divergence_matches_reference(loss_type, temperature):
         [[reference_divergence(student[b, t], teacher[b, t], temperature, loss_type, 0.3) for t in range(5)]
          for b in range(2)]
     )
-    np.testing.assert_allclose(got.numpy(), expected, rtol=2e-5, atol=1e-7)
+    # float32 log-probabilities carry ~1e-7 absolute error before the T² factor scales it.
+    np.testing.assert_allclose(got.numpy(), expected, rtol=2e-5, atol=1e-7 * temperature**2)
 
 
 @pytest.mark.parametrize("loss_type", losses.DISTILLATION_LOSSES)
