@@ -68,9 +68,9 @@ def test_divergence_is_computed_in_float32_from_half_inputs(loss_type):
 def test_zero_when_student_equals_teacher(loss_type, temperature):
     logits = 5 * torch.randn(3, 6, 9, generator=torch.Generator().manual_seed(2))
     value = losses.distillation_divergence(logits, logits.clone(), temperature=temperature, loss_type=loss_type)
-    assert value.abs().max().item() < 1e-5
+    assert value.abs().max().item() < 1e-7 * temperature**2  # float32 rounding, scaled by T²
     shifted = losses.distillation_divergence(logits + 3.0, logits, temperature=temperature, loss_type=loss_type)
-    assert shifted.abs().max().item() < 1e-4, "softmax (and centred MSE) ignore a per-row shift of the logits"
+    assert shifted.abs().max().item() < 1e-6 * temperature**2, "softmax (and centred MSE) ignore a per-row shift of the logits"
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)
@@ -89,7 +89,7 @@ def test_kl_gradient_is_papers_formula_times_T_squared(temperature):
     q = torch.softmax(teacher.double() / temperature, -1)
     paper = (1.0 / temperature) * (p - q)  # Hinton et al. eq. 2, for the soft-target cross-entropy
     expected = temperature**2 * paper * mask[..., None] / mask.sum()
-    torch.testing.assert_close(student.grad.double(), expected, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(student.grad.double(), expected, rtol=1e-5, atol=1e-8 * temperature)
     assert student.grad[0, :2].abs().max() == 0
 
 
