@@ -35,6 +35,8 @@ from transformers.utils import logging
 
 from . import losses
 from .arguments import DistillationTrainingArguments
+from .hub import push_errors_explained
+from .model_card import write_distillation_model_card
 
 logger = logging.get_logger(__name__)
 
@@ -450,6 +452,26 @@ class DistillationTrainer(Trainer):
         self._raise_if_teacher_nonfinite(f"during {description.lower()}")
         output.metrics.update(self._eval_stats.pop_means(self.accelerator, prefix=f"{metric_key_prefix}_"))
         return output
+
+    # ---- Hub ----
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, teacher_eval_results=None):
+        """`Trainer.create_model_card`, writing the distillation card (`hf_distill.model_card`): teacher lineage, loss
+        settings, student vs teacher results. `teacher_eval_results` (the teacher's `eval_*` metrics on the eval set)
+        spares evaluating the teacher; `finetuned_from` is the student's starting checkpoint, never the teacher."""
+        write_distillation_model_card(
+            self, language=language, license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from,
+            tasks=tasks, dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args,
+            teacher_eval_results=teacher_eval_results,
+        )
+
+    def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, private=None,
+                    **kwargs):
+        """`Trainer.push_to_hub` (the student, its config, card and processor; never the teacher). A failed upload
+        raises `hf_distill.hub.PushToHubError` and leaves the trained student saved in `output_dir`."""
+        with push_errors_explained(self):
+            return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
 
 
 def _deepspeed_inference_engine(model: nn.Module, accelerator) -> nn.Module:
