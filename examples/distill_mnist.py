@@ -212,10 +212,11 @@ def mlp_config(hidden_sizes, image_size: int, num_labels: int, **regularisation)
     )
 
 
-def train_or_load_teacher(training_args, example_args, preset, splits) -> tuple[MLPForImageClassification, list]:
+def train_or_load_teacher(training_args, example_args, preset, splits) -> tuple[MLPForImageClassification, list, bool]:
     """
     Train the teacher with plain `Trainer` (dropout, max-norm, jitter), or reuse the one saved in
-    `<output_dir>/teacher` if it was trained with exactly the same settings and data. Returns it with its learning curve.
+    `<output_dir>/teacher` if it was trained with exactly the same settings and data. Returns it, its learning curve,
+    and whether it was reused.
     """
     teacher_dir = Path(training_args.output_dir) / "teacher"
     settings = {
@@ -231,7 +232,7 @@ def train_or_load_teacher(training_args, example_args, preset, splits) -> tuple[
         saved = json.loads(settings_file.read_text())
         if saved["settings"] == settings:
             logger.warning("Reusing the teacher in %s (trained with the same settings).", teacher_dir)
-            return AutoModelForImageClassification.from_pretrained(teacher_dir), saved["learning_curve"]
+            return AutoModelForImageClassification.from_pretrained(teacher_dir), saved["learning_curve"], True
 
     set_seed(training_args.seed)
     teacher = MLPForImageClassification(
@@ -271,7 +272,7 @@ def train_or_load_teacher(training_args, example_args, preset, splits) -> tuple[
     curve = learning_curve(trainer.state.log_history)
     trainer.save_model(teacher_dir)
     settings_file.write_text(json.dumps({"settings": settings, "learning_curve": curve}, indent=2))
-    return teacher, curve
+    return teacher, curve, False
 
 
 def train_student(name, training_args, preset, splits, transfer_set, teacher=None) -> Trainer:
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"Data: {splits.source}.", flush=True)
     print(f"  train {len(splits.train)}, validation {len(splits.validation)}, test {len(splits.test)} images.")
 
-    teacher, teacher_curve = train_or_load_teacher(training_args, example_args, preset, splits)
+    teacher, teacher_curve, teacher_reused = train_or_load_teacher(training_args, example_args, preset, splits)
     digit = example_args.omit_digit
     transfer_set = splits.train if digit is None else splits.train.without_label(digit)
     baseline_trainer = train_student("baseline", training_args, preset, splits, transfer_set)
@@ -467,6 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_size": len(splits.train),
         "validation_size": len(splits.validation),
         "test_size": len(test_labels),
+        "teacher_reused": teacher_reused,
         "models": rows,
     }
 

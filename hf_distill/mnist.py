@@ -17,6 +17,8 @@ Pixels are floats in [0, 1] (0 = background), so that zero-padding is the backgr
 import gzip
 import logging
 import os
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,17 +76,19 @@ def load_mnist_idx(data_dir: str | os.PathLike) -> dict[str, tuple[torch.Tensor,
 
 
 def _hub_is_reachable(timeout: float = 5.0) -> bool:
+    """False at once when offline mode is on, else whether the Hub answers an HTTP request within `timeout` s."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
+    # The environment is read too: `constants` is frozen when huggingface_hub is first imported.
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return False
     try:
-        import requests
-
-        requests.head(constants.ENDPOINT, timeout=timeout)
-        return True
-    except Exception:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # an HTTP error status still means the server answered
+    except (OSError, ValueError):
         return False
+    return True
 
 
 def load_mnist_hub(hub_id: str = MNIST_HUB_ID) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
