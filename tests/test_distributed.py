@@ -1,0 +1,40 @@
+"""Real 2-process DDP (gloo, CPU) through `accelerate launch`, against one process at the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "distributed_run.py"
+
+
+def run(command, tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", "0"]
+    run([*launcher, str(SCRIPT), str(tmp_path / "ddp"), "4"], tmp_path)
+    run([sys.executable, str(SCRIPT), str(tmp_path / "single"), "8"], tmp_path)
+    ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    single = json.loads((tmp_path / "single" / "result.json").read_text())
+
+    assert ddp["world_size"] == 2 and ddp["num_processes"] == 2 and single["world_size"] == 1
+    assert ddp["student_wrapped"] == "DistributedDataParallel"
+    assert ddp["teacher_wrapped"] == "GPT2LMHeadModel", "the teacher must never be wrapped in DDP"
+    # Ragged rows: the two processes count different numbers of tokens, so only a global normalisation agrees.
+    assert len(ddp["losses"]) == len(single["losses"]) == 4
+    for key in ("losses", "loss_kd"):
+        for a, b in zip(ddp[key], single[key]):
+            assert a == pytest.approx(b, rel=1e-4), key
+    assert ddp["weight_norm"] == pytest.approx(single["weight_norm"], rel=1e-5)
