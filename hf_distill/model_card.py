@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import inspect
 import os
 import platform
 import tempfile
@@ -46,8 +47,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
+import torch
 from torch import nn
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
 from transformers.modelcard import TrainingSummary, make_markdown_table
 
 from . import __version__
@@ -141,6 +143,29 @@ def _silent_copy_of_args(args, output_dir: str):
     )
 
 
+class _AsTrainerModel(nn.Module):
+    """A plain-module teacher seen as a model `Trainer` can evaluate: its bare logits tensor returned as
+    ``{"logits": ...}`` (Trainer's prediction step would slice a bare tensor as if it were a tuple of outputs), and
+    only the inputs its `forward` takes passed on (the trainer hands a student every column, labels included)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        from .trainer import _accepted_arguments  # deferred: trainer.py imports this module
+
+        accepted_arguments = _accepted_arguments(model)
+
+        def forward(**inputs):
+            if accepted_arguments is not None:
+                inputs = {key: value for key, value in inputs.items() if key in accepted_arguments}
+            outputs = model(**inputs)
+            return {"logits": outputs} if isinstance(outputs, torch.Tensor) else outputs
+
+        # Trainer keeps the dataset columns that `forward`'s signature names: show it the wrapped model's.
+        forward.__signature__ = inspect.signature(model.forward)
+        self.forward = forward
+
+
 def evaluate_on_eval_set(trainer: Trainer, model: nn.Module) -> dict[str, float]:
     """``evaluate()`` `model` in the place of `trainer`'s student — same evaluation set(s), collator, metrics,
     teacher and evaluation code — without touching `trainer`. Returns the ``eval_*`` metrics, timing dropped.
@@ -152,7 +177,7 @@ def evaluate_on_eval_set(trainer: Trainer, model: nn.Module) -> dict[str, float]
     eval_datasets = trainer.eval_dataset if isinstance(trainer.eval_dataset, Mapping) else {None: trainer.eval_dataset}
     with tempfile.TemporaryDirectory(prefix="hf-distill-card-eval-") as scratch:
         side_trainer = type(trainer)(
-            model=model,
+            model=model if isinstance(model, PreTrainedModel) else _AsTrainerModel(model),
             teacher_model=trainer.teacher_model,
             args=_silent_copy_of_args(trainer.args, scratch),
             data_collator=trainer.data_collator,
@@ -161,8 +186,10 @@ def evaluate_on_eval_set(trainer: Trainer, model: nn.Module) -> dict[str, float]
             preprocess_logits_for_metrics=trainer.preprocess_logits_for_metrics,
             compute_loss_func=trainer.compute_loss_func,
         )
-        # The trainer's own (already-prepared) callbacks would report this evaluation as the student's.
+        # Its default callbacks would print this side evaluation's metrics as if they were the run's.
         side_trainer.callback_handler.callbacks = []
+        # Trainer infers label names from the model's `forward`; keep the student's so both are scored on the same.
+        side_trainer.label_names = trainer.label_names
         results = {}
         for name, dataset in eval_datasets.items():
             prefix = "eval" if name is None else f"eval_{name}"
