@@ -284,14 +284,13 @@ def test_card_for_plain_module_student_and_teacher(tmp_path):
 
 
 @pytest.mark.slow
-def test_mnist_example_pushes_a_student_that_loads_from_the_hub(hub_server, tmp_path):
+def test_mnist_example_pushes_a_student_that_loads_from_the_hub(hub_client, tmp_path):
     if not EXAMPLE.exists():
         pytest.skip("examples/distill_mnist.py is not there yet")
     if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"MNIST not found at {MNIST_DIR}")
-    hub_server.reset_failures()
     output_dir = tmp_path / "mnist"
-    env = {**os.environ, **hub_server.client_env(tmp_path / "hf_home", token=TOKEN), "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, **hub_client.client_env(tmp_path / "hf_home", token=TOKEN), "PYTHONPATH": str(REPO_ROOT)}
     command = [sys.executable, str(EXAMPLE), "--data_dir", str(MNIST_DIR), "--output_dir", str(output_dir),
                "--max_train_samples", "300", "--max_test_samples", "100", "--validation_size", "100",
                "--teacher_hidden_sizes", "32", "--teacher_epochs", "1", "--student_hidden_sizes", "16",
@@ -299,16 +298,16 @@ def test_mnist_example_pushes_a_student_that_loads_from_the_hub(hub_server, tmp_
                "--push_to_hub", "--hub_model_id", "mnist-student"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+
     repo_id = "hf-distill-tester/mnist-student"
-    files = hub_server.repo_files(repo_id)
-    card = ModelCard(files["README.md"].decode())
+    card = ModelCard(hub_client.repo_files(repo_id)["README.md"].decode())
     assert "knowledge-distillation" in card.data.tags and card.data.distillation["temperature"] == 4.0
-    config = json.loads(files["config.json"])
-    image = torch.rand(2, 1, config["image_size"], config["image_size"])
-    pulled = load_in_fresh_process(hub_server, tmp_path, "AutoModelForImageClassification", repo_id,
-                                   {"pixel_values": image}, import_hf_distill=True)
+    assert "eval_teacher_agreement" in card_results_table(str(card))
+    # Pulled with one standard call (here, in this process: a fresh one is tested above), it is the local student.
     import hf_distill  # noqa: F401 - registers the MLP with the Auto classes
     from transformers import AutoModelForImageClassification
 
+    pulled = AutoModelForImageClassification.from_pretrained(repo_id, cache_dir=tmp_path / "cache")
     local = AutoModelForImageClassification.from_pretrained(output_dir / "distilled")
-    assert torch.equal(pulled, local_logits(local, {"pixel_values": image}))
+    image = torch.rand(2, 1, local.config.image_size, local.config.image_size)
+    assert torch.equal(local_logits(pulled, {"pixel_values": image}), local_logits(local, {"pixel_values": image}))
