@@ -41,12 +41,14 @@ import importlib.resources
 import inspect
 import os
 import platform
+import re
 import tempfile
 import weakref
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer
@@ -83,9 +85,32 @@ def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
+def _cached_commit(repo_id: str, from_pretrained_kwargs: Mapping[str, Any]) -> str | None:
+    """The commit `repo_id` was loaded at, read offline from the local Hub cache, or None.
+
+    Loading resolves the requested revision (default: main) to a commit, records that in the cache's ``refs/`` and
+    reads the files from ``snapshots/<commit>/`` — so the snapshot holding the config names the commit. (transformers
+    < 5.24 also kept it as ``config._commit_hash``, checked first.)
+    """
+    try:
+        path = try_to_load_from_cache(
+            repo_id,
+            "config.json",
+            cache_dir=from_pretrained_kwargs.get("cache_dir"),
+            revision=from_pretrained_kwargs.get("revision"),
+        )
+    except ValueError:  # not a repo id
+        return None
+    if not isinstance(path, str):
+        return None
+    commit = Path(path).parent.name
+    return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
 def describe_teacher(teacher: nn.Module, teacher_model_init_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The teacher's lineage: ``teacher`` (Hub id, or directory name when loaded from disk), ``teacher_source``
-    (``"local"`` for the latter), ``teacher_revision`` (commit hash), ``teacher_architecture``. Unknown ones omitted.
+    (``"local"`` for the latter), ``teacher_revision`` (the commit it was loaded at, for a Hub teacher), and
+    ``teacher_architecture``. Unknown ones are omitted.
 
     A local path is reduced to its last component: the card is published, and the full path says nothing to a reader
     but may say something about the author's machine.
@@ -99,10 +124,9 @@ def describe_teacher(teacher: nn.Module, teacher_model_init_kwargs: Mapping[str,
             lineage["teacher_source"] = "local"
         else:
             lineage["teacher"] = name_or_path
-    # `_commit_hash` is set by `from_pretrained` when the teacher came from the Hub: the exact revision used.
-    revision = getattr(config, "_commit_hash", None) or (teacher_model_init_kwargs or {}).get("revision")
-    if revision:
-        lineage["teacher_revision"] = revision
+            revision = getattr(config, "_commit_hash", None) or _cached_commit(name_or_path, teacher_model_init_kwargs or {})
+            if revision:
+                lineage["teacher_revision"] = revision
     architectures = getattr(config, "architectures", None)
     lineage["teacher_architecture"] = architectures[0] if architectures else type(teacher).__name__
     return lineage

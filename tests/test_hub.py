@@ -15,12 +15,15 @@ import re
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
 import transformers.utils.hub
 from conftest import MNIST_DIR, REPO_ROOT, PlainLogitsTeacher, PlainMLP, bert_config, features_dataset, sequence_dataset
 from huggingface_hub import ModelCard, ModelCardData, constants
+from hub_server import USER
 from safetensors.torch import load as load_safetensors
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, Trainer, TrainingArguments
 
@@ -54,10 +57,12 @@ def point_hub_client_at(monkeypatch, endpoint: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def hub_client(hub_server):
-    """This process as a Hub client of the session's server: endpoint, dummy token, no Xet (not emulated), online."""
+def hub_client(hub_server, tmp_path_factory):
+    """This process as a Hub client of the session's server: endpoint, dummy token, an empty cache, no Xet (not
+    emulated), online."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         point_hub_client_at(monkeypatch, hub_server.endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf_hub_cache")))
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -135,18 +140,21 @@ def card_results_table(card_text: str) -> dict[str, tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def pushed_student(hub_client, tmp_path_factory):
-    """A tiny BERT student distilled for 4 steps with `hub_strategy="checkpoint"`, evaluated, and pushed."""
+    """A tiny BERT student distilled for 4 steps with `hub_strategy="checkpoint"` from a teacher given by its Hub id,
+    evaluated, and pushed."""
     output_dir = tmp_path_factory.mktemp("pushed") / "tiny-student"
     student, teacher = bert_pair()
+    teacher_commit = teacher.push_to_hub("tiny-teacher").oid
     train_set, eval_set = sequence_dataset(48, seed=1), sequence_dataset(32, seed=2)
     args = make_args(output_dir, max_steps=4, push_to_hub=True, hub_model_id="tiny-student",
                      hub_strategy="checkpoint", save_strategy="steps", save_steps=4, eval_strategy="steps", eval_steps=4)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train_set,
-                                  eval_dataset=eval_set, compute_metrics=accuracy)
+    trainer = DistillationTrainer(model=student, teacher_model=f"{USER}/tiny-teacher", args=args,
+                                  train_dataset=train_set, eval_dataset=eval_set, compute_metrics=accuracy)
     trainer.train()
     commit = trainer.push_to_hub(dataset_tags="hf-distill/random-tokens", dataset="random tokens")
-    return dict(trainer=trainer, teacher=teacher, eval_set=eval_set, repo_id=trainer.hub_model_id, commit=commit,
-                files=hub_client.repo_files(trainer.hub_model_id), output_dir=output_dir)
+    return dict(trainer=trainer, teacher=trainer.teacher_model, teacher_commit=teacher_commit, eval_set=eval_set,
+                repo_id=trainer.hub_model_id, commit=commit, files=hub_client.repo_files(trainer.hub_model_id),
+                output_dir=output_dir)
 
 
 def test_pulled_student_gives_identical_logits_in_a_fresh_process(pushed_student, hub_server, tmp_path):
@@ -190,6 +198,8 @@ def test_card_states_lineage_loss_and_student_vs_teacher_results(pushed_student)
     assert "base_model" not in metadata  # the student was not initialised from the teacher's weights
     assert metadata["datasets"] == ["hf-distill/random-tokens"]
     assert metadata["distillation"] == {
+        "teacher": f"{USER}/tiny-teacher",
+        "teacher_revision": pushed_student["teacher_commit"],
         "teacher_architecture": "BertForSequenceClassification",
         "teacher_parameters": count_parameters(teacher),
         "student_parameters": count_parameters(trainer.model),
@@ -221,6 +231,42 @@ def test_card_states_lineage_loss_and_student_vs_teacher_results(pushed_student)
         assert float(table[metric][0]) == pytest.approx(student_value, rel=1e-3, abs=1e-6), metric
         assert float(table[metric][1]) == pytest.approx(teacher_value, rel=1e-3, abs=1e-6), metric
     assert "arXiv:1503.02531" in text and "T = 1" in text
+
+
+def raw_request(hub_server, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    """(status, JSON body) of one request to the server, bypassing the client library's own checks."""
+    request = urllib.request.Request(hub_server.endpoint + path, data=body or None, method=method,
+                                     headers={"Authorization": f"Bearer {TOKEN}", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def test_hub_server_refuses_malformed_requests(hub):
+    status, _ = raw_request(hub, "POST", "/api/repos/create", json.dumps({"name": "strict"}).encode())
+    assert status == 200
+    ndjson = {"Content-Type": "application/x-ndjson"}
+    header = json.dumps({"key": "header", "value": {"summary": "s"}}).encode() + b"\n"
+    refused = {
+        "no token": ("POST", "/api/repos/create", b"{}", {"Authorization": ""}),
+        "bad repo name": ("POST", "/api/repos/create", json.dumps({"name": "a b"}).encode(), None),
+        "not JSON": ("POST", f"/api/models/{USER}/strict/preupload/main", b"{", None),
+        "no files list": ("POST", f"/api/models/{USER}/strict/preupload/main", b"{}", None),
+        "commit not NDJSON": ("POST", f"/api/models/{USER}/strict/commit/main", header, None),
+        "commit without header": ("POST", f"/api/models/{USER}/strict/commit/main", b'{"key": "file"}\n', ndjson),
+        "path escaping the repo": ("POST", f"/api/models/{USER}/strict/commit/main", header + json.dumps(
+            {"key": "file", "value": {"path": "../x", "content": "", "encoding": "base64"}}).encode(), ndjson),
+        "LFS object never uploaded": ("POST", f"/api/models/{USER}/strict/commit/main", header + json.dumps(
+            {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": "0" * 64, "size": 1}}).encode(), ndjson),
+        "unknown repo": ("GET", f"/{USER}/missing/resolve/main/config.json", b"", None),
+        "unknown route": ("GET", "/api/spaces", b"", None),
+    }
+    for case, (method, path, body, headers) in refused.items():
+        status, answer = raw_request(hub, method, path, body, headers)
+        assert 400 <= status < 500 and answer["error"], case
+    assert hub.commit_messages(f"{USER}/strict") == ["initial commit"]
 
 
 def assert_complete_student_in(output_dir, model) -> None:
