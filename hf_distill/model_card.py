@@ -3,8 +3,8 @@
 `DistillationTrainer.create_model_card` (and so `push_to_hub`) writes it to ``output_dir/README.md``. It fills the
 template ``model_cards/distillation_model_card.md`` (shipped inside the package) with:
 
-* the teacher — Hub id (or local directory name), commit hash when it was loaded from the Hub, architecture — and both
-  models' parameter counts and the compression ratio;
+* the teacher — Hub id (or local directory name), commit hash when it was loaded from the Hub, architecture — and
+  both models' parameter counts and the compression ratio;
 * the loss: ``distillation_loss``, ``temperature``, ``alpha`` and, for ``"jsd"``, ``jsd_beta``;
 * student and teacher results side by side on the same evaluation set, every ``eval_*`` metric, computed by the same
   `DistillationTrainer.evaluate` code;
@@ -48,8 +48,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 import torch
+from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.modelcard import TrainingSummary, make_markdown_table
@@ -89,8 +89,8 @@ def _cached_commit(repo_id: str, from_pretrained_kwargs: Mapping[str, Any]) -> s
     """The commit `repo_id` was loaded at, read offline from the local Hub cache, or None.
 
     Loading resolves the requested revision (default: main) to a commit, records that in the cache's ``refs/`` and
-    reads the files from ``snapshots/<commit>/`` — so the snapshot holding the config names the commit. (transformers
-    < 5.24 also kept it as ``config._commit_hash``, checked first.)
+    reads the files from ``snapshots/<commit>/`` — so the snapshot holding the config names the commit. (Older
+    transformers versions kept it as ``config._commit_hash``, checked first.)
     """
     try:
         path = try_to_load_from_cache(
@@ -124,7 +124,9 @@ def describe_teacher(teacher: nn.Module, teacher_model_init_kwargs: Mapping[str,
             lineage["teacher_source"] = "local"
         else:
             lineage["teacher"] = name_or_path
-            revision = getattr(config, "_commit_hash", None) or _cached_commit(name_or_path, teacher_model_init_kwargs or {})
+            revision = getattr(config, "_commit_hash", None) or _cached_commit(
+                name_or_path, teacher_model_init_kwargs or {}
+            )
             if revision:
                 lineage["teacher_revision"] = revision
     architectures = getattr(config, "architectures", None)
@@ -146,7 +148,11 @@ def latest_eval_results(log_history: list[dict[str, Any]]) -> tuple[dict[str, fl
     for entry in evaluations:
         if entry.get("step") == step:
             results.update(
-                {key: value for key, value in entry.items() if key.startswith("eval_") and not key.endswith(_EVAL_TIMING_KEYS)}
+                {
+                    key: value
+                    for key, value in entry.items()
+                    if key.startswith("eval_") and not key.endswith(_EVAL_TIMING_KEYS)
+                }
             )
     return results, step
 

@@ -50,7 +50,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # The Hub stores a file through LFS when it is binary or large; its threshold for text files is 10 MB.
 _LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
-_INITIAL_GITATTRIBUTES = b"*.bin filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+_INITIAL_GITATTRIBUTES = (
+    b"*.bin filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+)
 
 
 class HubError(Exception):
@@ -208,10 +210,13 @@ class HubState:
             # Like the Hub, a new repo has one commit with a default .gitattributes.
             oid = git_blob_oid(_INITIAL_GITATTRIBUTES)
             self.store_blob(oid, _INITIAL_GITATTRIBUTES)
-            self.add_commit(repo, "main", "initial commit", None, {".gitattributes": RepoFile(oid, len(_INITIAL_GITATTRIBUTES))})
+            files = {".gitattributes": RepoFile(oid, len(_INITIAL_GITATTRIBUTES))}
+            self.add_commit(repo, "main", "initial commit", None, files)
             return repo
 
-    def add_commit(self, repo: Repo, branch: str, message: str, parent: str | None, files: dict[str, RepoFile]) -> Commit:
+    def add_commit(
+        self, repo: Repo, branch: str, message: str, parent: str | None, files: dict[str, RepoFile]
+    ) -> Commit:
         date = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
         tree = json.dumps({path: [f.oid, f.size, f.lfs_sha256] for path, f in sorted(files.items())})
         oid = hashlib.sha1(f"{parent}\n{message}\n{date}\n{len(repo.commits)}\n{tree}".encode()).hexdigest()
@@ -333,7 +338,9 @@ class _BaseHandler(BaseHTTPRequestHandler):
             raise HubError(400, "Request body must be a JSON object")
         return body
 
-    def _send(self, status: int, body: bytes = b"", headers: dict | None = None, content_type: str = "application/json"):
+    def _send(
+        self, status: int, body: bytes = b"", headers: dict | None = None, content_type: str = "application/json"
+    ) -> None:
         self.send_response(status)
         headers = dict(headers or {})
         headers.setdefault("Content-Type", content_type)
@@ -493,11 +500,17 @@ class _HubRequestHandler(_BaseHandler):
                 continue
             entry = {"type": "file", "oid": f.oid, "size": f.size, "path": path}
             if f.lfs_sha256 is not None:
-                entry["lfs"] = {"oid": f.lfs_sha256, "size": f.size, "pointerSize": len(lfs_pointer(f.lfs_sha256, f.size))}
+                pointer_size = len(lfs_pointer(f.lfs_sha256, f.size))
+                entry["lfs"] = {"oid": f.lfs_sha256, "size": f.size, "pointerSize": pointer_size}
             entries.append(entry)
         if recursive:
-            folders = {"/".join(p.split("/")[: i + 1]) for p in files if p.startswith(prefix) for i in range(p.count("/"))}
-        entries += [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d} for d in sorted(folders)]
+            folders = {
+                "/".join(p.split("/")[: i + 1]) for p in files if p.startswith(prefix) for i in range(p.count("/"))
+            }
+        entries += [
+            {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
+            for d in sorted(folders)
+        ]
         self._send_json(200, entries)
 
     # -- uploads
@@ -527,7 +540,8 @@ class _HubRequestHandler(_BaseHandler):
             raise HubError(400, 'preupload needs a "files" list')
         answer = []
         for item in requested:
-            if not isinstance(item, dict) or not isinstance(item.get("size"), int) or not isinstance(item.get("sample"), str):
+            well_formed = isinstance(item, dict) and isinstance(item.get("size"), int)
+            if not (well_formed and isinstance(item.get("sample"), str)):
                 raise HubError(400, 'preupload "files" entries need "path", "size" (int) and "sample" (base64)')
             path = validate_path_in_repo(item.get("path"))
             try:
@@ -537,7 +551,8 @@ class _HubRequestHandler(_BaseHandler):
             is_lfs = b"\0" in sample or item["size"] >= _LFS_SIZE_THRESHOLD
             existing = files.get(path)
             oid = None if existing is None else (existing.lfs_sha256 or existing.oid)
-            answer.append({"path": path, "uploadMode": "lfs" if is_lfs else "regular", "shouldIgnore": False, "oid": oid})
+            mode = "lfs" if is_lfs else "regular"
+            answer.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
         self._send_json(200, {"files": answer, "commitOid": commit.oid})
 
     def _lfs_batch(self, repo_id: str) -> None:
@@ -546,11 +561,12 @@ class _HubRequestHandler(_BaseHandler):
         body = self._json_body()
         self.hub.state.get_repo(repo_id)
         objects = body.get("objects")
-        if body.get("operation") != "upload" or not isinstance(objects, list) or "basic" not in body.get("transfers", []):
+        transfers = body.get("transfers", [])
+        if body.get("operation") != "upload" or not isinstance(objects, list) or "basic" not in transfers:
             raise HubError(422, 'LFS batch needs "operation": "upload", "objects" and the "basic" transfer')
         answer = []
         for obj in objects:
-            if not isinstance(obj, dict) or not _SHA256.match(str(obj.get("oid"))) or not isinstance(obj.get("size"), int):
+            if not (isinstance(obj, dict) and _SHA256.match(str(obj.get("oid"))) and isinstance(obj.get("size"), int)):
                 raise HubError(422, 'LFS batch objects need a sha256 "oid" and an int "size"')
             entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
             if not self.hub.state.has_lfs_object(obj["oid"], obj["size"]):

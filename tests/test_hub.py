@@ -97,7 +97,7 @@ def load_in_fresh_process(hub_server, tmp_path, auto_class: str, repo_id: str, i
     """Logits of `repo_id` pulled from the server by a new Python process with an empty cache."""
     env = {**os.environ, **hub_server.client_env(tmp_path / "hf_home", token=TOKEN), "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_PREDICT, auto_class, repo_id, "import-hf-distill" if import_hf_distill else "-"],
+        [sys.executable, "-c", LOAD_AND_PREDICT, auto_class, repo_id, "import-hf-distill" if import_hf_distill else ""],
         input=json.dumps({key: value.tolist() for key, value in inputs.items()}),
         env=env, capture_output=True, text=True, timeout=120,
     )
@@ -146,8 +146,8 @@ def pushed_student(hub_client, tmp_path_factory):
     student, teacher = bert_pair()
     teacher_commit = teacher.push_to_hub("tiny-teacher").oid
     train_set, eval_set = sequence_dataset(48, seed=1), sequence_dataset(32, seed=2)
-    args = make_args(output_dir, max_steps=4, push_to_hub=True, hub_model_id="tiny-student",
-                     hub_strategy="checkpoint", save_strategy="steps", save_steps=4, eval_strategy="steps", eval_steps=4)
+    args = make_args(output_dir, max_steps=4, push_to_hub=True, hub_model_id="tiny-student", hub_strategy="checkpoint",
+                     save_strategy="steps", save_steps=4, eval_strategy="steps", eval_steps=4)
     trainer = DistillationTrainer(model=student, teacher_model=f"{USER}/tiny-teacher", args=args,
                                   train_dataset=train_set, eval_dataset=eval_set, compute_metrics=accuracy)
     trainer.train()
@@ -259,7 +259,8 @@ def test_hub_server_refuses_malformed_requests(hub):
         "path escaping the repo": ("POST", f"/api/models/{USER}/strict/commit/main", header + json.dumps(
             {"key": "file", "value": {"path": "../x", "content": "", "encoding": "base64"}}).encode(), ndjson),
         "LFS object never uploaded": ("POST", f"/api/models/{USER}/strict/commit/main", header + json.dumps(
-            {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": "0" * 64, "size": 1}}).encode(), ndjson),
+            {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": "0" * 64, "size": 1}}
+        ).encode(), ndjson),
         "unknown repo": ("GET", f"/{USER}/missing/resolve/main/config.json", b"", None),
         "unknown route": ("GET", "/api/spaces", b"", None),
     }
