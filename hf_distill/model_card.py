@@ -37,10 +37,12 @@ meaning: the checkpoint the *student* was initialised from, if any (as `Trainer`
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import importlib.resources
 import inspect
 import os
 import platform
+import random
 import re
 import tempfile
 import weakref
@@ -48,6 +50,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 from torch import nn
@@ -196,6 +199,18 @@ class _AsTrainerModel(nn.Module):
         self.forward = forward
 
 
+@contextlib.contextmanager
+def _random_state_preserved():
+    """`Trainer.__init__` reseeds Python's, NumPy's and torch's generators (`set_seed(args.seed)`): a card written in
+    the middle of a run must not change the run's random stream."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+
+
 def evaluate_on_eval_set(trainer: Trainer, model: nn.Module) -> dict[str, float]:
     """``evaluate()`` `model` in the place of `trainer`'s student — same evaluation set(s), collator, metrics,
     teacher and evaluation code — without touching `trainer`. Returns the ``eval_*`` metrics, timing dropped.
@@ -205,7 +220,7 @@ def evaluate_on_eval_set(trainer: Trainer, model: nn.Module) -> dict[str, float]
     final weights.
     """
     eval_datasets = trainer.eval_dataset if isinstance(trainer.eval_dataset, Mapping) else {None: trainer.eval_dataset}
-    with tempfile.TemporaryDirectory(prefix="hf-distill-card-eval-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="hf-distill-card-eval-") as scratch, _random_state_preserved():
         side_trainer = type(trainer)(
             model=model if isinstance(model, PreTrainedModel) else _AsTrainerModel(model),
             teacher_model=trainer.teacher_model,
@@ -233,26 +248,27 @@ def student_and_teacher_results(
     """Student and teacher ``eval_*`` metrics on the trainer's evaluation set, and a note on where they come from.
 
     Student: its latest evaluation in `trainer.state.log_history` when that was at the final step; otherwise (never
-    evaluated, or trained further since) it is evaluated now. Teacher: `teacher_eval_results` when given (keys as
+    evaluated, or trained further since) it is evaluated now, in single-process runs. Teacher: `teacher_eval_results` when given (keys as
     `evaluate()` returns them), otherwise evaluated once per trainer and evaluation set and cached. Both empty when
     the trainer has no evaluation set.
     """
     if trainer.eval_dataset is None:
         return {}, {}, "no evaluation set"
-    distributed = trainer.args.world_size > 1
+    # Cards are written on process zero alone: a side evaluation there would wait forever for the other processes,
+    # and would set up DeepSpeed/FSDP a second time.
+    can_evaluate = trainer.args.world_size == 1 and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled)
     student_results, step = latest_eval_results(trainer.state.log_history)
     if step != trainer.state.global_step or not student_results:
-        if distributed:
-            # Cards are written on process zero alone; a side evaluation would wait forever for the other processes.
-            student_results = student_results if step == trainer.state.global_step else {}
-        else:
+        if can_evaluate:
             student_results = evaluate_on_eval_set(trainer, trainer.accelerator.unwrap_model(trainer.model))
+        else:
+            student_results = {}
     if teacher_eval_results is not None:
         teacher_results = dict(teacher_eval_results)
         source = "the student by `DistillationTrainer.evaluate`, the teacher's results given by the user"
-    elif distributed:
+    elif not can_evaluate:
         teacher_results = {}
-        source = "the teacher was not evaluated in a distributed run; pass `teacher_eval_results`"
+        source = "the teacher is not evaluated in distributed or DeepSpeed/FSDP runs; pass `teacher_eval_results`"
     else:
         cache = _TEACHER_RESULTS_CACHE.setdefault(trainer, {})
         key = id(trainer.eval_dataset)

@@ -316,6 +316,7 @@ class _BaseHandler(BaseHTTPRequestHandler):
 
     # -- plumbing
     def _read_body(self) -> bytes:
+        self._body_read = True
         if "chunked" in self.headers.get("Transfer-Encoding", ""):
             chunks = []
             while True:
@@ -356,9 +357,12 @@ class _BaseHandler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(payload).encode(), headers, content_type)
 
     def _dispatch(self) -> None:
+        self._body_read = False
         try:
             self.route()
         except HubError as err:
+            if not self._body_read:  # an unread body would be parsed as the next request on this kept-alive connection
+                self._read_body()
             headers = {"X-Error-Message": err.message, **err.headers}
             self._send_json(err.status, {"error": err.message}, headers)
         except Exception as err:  # a server bug: answer 500 with the reason rather than hang the client
@@ -371,7 +375,6 @@ class _BaseHandler(BaseHTTPRequestHandler):
 
     def _check_failure(self, route: str) -> None:
         if route in self.hub.failures:
-            self._read_body()  # drain it so the connection stays usable
             status, message = self.hub.failures[route]
             raise HubError(status, message)
 

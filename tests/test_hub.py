@@ -321,7 +321,9 @@ def test_card_for_plain_module_student_and_teacher(tmp_path):
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=features_dataset(16),
                                   eval_dataset=eval_set, compute_metrics=accuracy)
     trainer.train()
+    rng_state = torch.random.get_rng_state()
     card = build_distillation_model_card(trainer)
+    assert torch.equal(torch.random.get_rng_state(), rng_state)  # evaluating for the card left the run's RNG alone
     assert card.data.distillation["teacher_architecture"] == "PlainLogitsTeacher"
     assert card.data.distillation["jsd_beta"] == 0.3 and card.data.distillation["loss"] == "jsd"
     with torch.no_grad():
