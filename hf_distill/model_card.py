@@ -308,6 +308,14 @@ def _human_count(count: int) -> str:
     return str(count)
 
 
+def _size_comparison(teacher_parameters: int, student_parameters: int) -> str:
+    if not student_parameters or not teacher_parameters:
+        return ""
+    if teacher_parameters >= student_parameters:
+        return f"It has **{teacher_parameters / student_parameters:.2f}× fewer parameters** than its teacher."
+    return f"It has **{student_parameters / teacher_parameters:.2f}× more parameters** than its teacher."
+
+
 def _describe_dataset(dataset: Any, name: str | None) -> str:
     if dataset is None:
         return "none"
@@ -464,7 +472,7 @@ def build_distillation_model_card(
         model_name=summary.model_name,
         teacher_link=teacher_link,
         alpha=args.alpha,
-        compression_ratio=compression_ratio,
+        size_comparison=_size_comparison(teacher_parameters, student_parameters),
         hf_distill_version=__version__,
         base_model=summary.finetuned_from or None,
         models_table=models_table,
@@ -474,9 +482,9 @@ def build_distillation_model_card(
         results_source=results_source,
         eval_set_size=_len_or_none(trainer.eval_dataset),
         intended_use=(
-            f"A smaller, faster stand-in for its teacher on the teacher's task{f' ({task})' if task else ''}, for the "
-            "same kind of inputs. Compare the two columns above before replacing the teacher: check that the metrics "
-            "that matter for your use are close enough."
+            f"A stand-in for its teacher on the teacher's task{f' ({task})' if task else ''}, for the same kind of "
+            "inputs. Compare the two columns above before replacing the teacher: check that the metrics that matter "
+            "for your use are close enough."
         ),
         data_description=(
             f"Transfer (training) set: {_describe_dataset(trainer.train_dataset, dataset_name)}.\n\n"
@@ -498,16 +506,22 @@ def _len_or_none(dataset: Any) -> int | None:
 
 def write_distillation_model_card(trainer: Trainer, **create_model_card_kwargs) -> ModelCard | None:
     """Build the card (`build_distillation_model_card`) and write it to ``trainer.args.output_dir/README.md``, on the
-    main process only, as `Trainer.create_model_card` does. Tags of a README already there are kept."""
+    main process only, as `Trainer.create_model_card` does: tags of a README already there are kept, and a PEFT
+    student's adapter card (written by its `save_pretrained`) gets PEFT's own metadata added back."""
     if not trainer.is_world_process_zero():
         return None
     path = os.path.join(trainer.args.output_dir, "README.md")
+    is_peft_card = False
     if os.path.exists(path):
-        existing_tags = ModelCard.load(path, ignore_metadata_errors=True).data.tags or []
+        existing = ModelCard.load(path, ignore_metadata_errors=True).data
+        is_peft_card = existing.get("library_name") == "peft"
         tags = create_model_card_kwargs.get("tags")
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        create_model_card_kwargs["tags"] = tags + [tag for tag in existing_tags if tag not in tags]
+        create_model_card_kwargs["tags"] = tags + [tag for tag in existing.tags or [] if tag not in tags]
     card = build_distillation_model_card(trainer, **create_model_card_kwargs)
     os.makedirs(trainer.args.output_dir, exist_ok=True)
     card.save(path)
+    if is_peft_card:  # as Trainer does; not exercised by hf-distill's tests (no peft installed)
+        trainer.accelerator.unwrap_model(trainer.model).create_or_update_model_card(trainer.args.output_dir)
+        card = ModelCard.load(path)
     return card
