@@ -330,6 +330,22 @@ def test_card_for_plain_module_student_and_teacher(tmp_path):
         teacher_predictions = teacher(torch.tensor(eval_set["features"])).argmax(-1)
     teacher_accuracy = (teacher_predictions == torch.tensor(eval_set["labels"])).float().mean().item()
     assert float(card_results_table(str(card))["eval_accuracy"][1]) == pytest.approx(teacher_accuracy, rel=1e-3)
+    # Teacher results given by the user are used as they are.
+    given = build_distillation_model_card(trainer, teacher_eval_results={"eval_accuracy": 0.123})
+    assert card_results_table(str(given))["eval_accuracy"][1] == "0.123"
+
+
+def test_card_names_a_local_teacher_by_its_directory_only(tmp_path):
+    _, teacher = bert_pair()
+    teacher_dir = tmp_path / "private" / "my-teacher"
+    teacher.save_pretrained(teacher_dir)
+    torch.manual_seed(0)
+    trainer = DistillationTrainer(model=BertForSequenceClassification(bert_config(16)), teacher_model=str(teacher_dir),
+                                  args=make_args(tmp_path / "out"), train_dataset=sequence_dataset(8))
+    card = build_distillation_model_card(trainer)
+    lineage = card.data.distillation
+    assert lineage["teacher"] == "my-teacher" and lineage["teacher_source"] == "local"
+    assert "teacher_revision" not in lineage and str(tmp_path) not in str(card)
 
 
 @pytest.mark.slow
