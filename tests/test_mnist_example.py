@@ -223,3 +223,17 @@ def test_example_end_to_end_on_a_few_hundred_mnist_rows(tmp_path, capsys):
     assert not results["teacher_reused"] and again["teacher_reused"]
     assert again["models"][0]["test_errors"] == saved["models"][0]["test_errors"]
     assert again["models"][0]["learning_curve"] == saved["models"][0]["learning_curve"]
+
+
+def test_presets_fill_in_defaults_that_explicit_flags_override():
+    example = load_example()
+    training_args, example_args, preset = example.parse_arguments([])
+    assert example_args.preset == "quick" and training_args.output_dir == "outputs/distill_mnist/quick"
+    assert (training_args.temperature, training_args.num_train_epochs) == (preset.temperature, preset.student_epochs)
+
+    training_args, example_args, preset = example.parse_arguments(
+        ["--preset", "paper", "--temperature", "8", "--teacher_hidden_sizes", "32", "32", "--output_dir", "elsewhere"]
+    )
+    assert training_args.output_dir == "elsewhere" and training_args.temperature == 8.0
+    assert preset.teacher_hidden_sizes == (32, 32)  # overridden
+    assert preset.student_hidden_sizes == (800, 800) and training_args.num_train_epochs == preset.student_epochs
