@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine, set-up included:
+#   make demo   installs, then runs the main job (accelerate launch examples/distill_mnist.py)
+#   make test   installs, then runs the test suite (what CI's .ci/run calls)
+.PHONY: install demo test bench clean
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The shared MNIST folder beside the checkout, when there is one; otherwise the example falls back by itself.
+MNIST_DIR ?= ../shared/datasets/mnist
+DEMO_ARGS ?= $(if $(wildcard $(MNIST_DIR)/train-images-idx3-ubyte.gz),--data_dir $(MNIST_DIR),)
+
+install: $(VENV)/.installed
+
+# torch first, pinned to the CPU wheel these machines keep on disk (an unpinned torch may pull a multi-GB CUDA build);
+# pyproject's range then admits it and installs nothing more. Elsewhere the pin falls through to the range.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==2.13.0" || $(BIN)/python -m pip install --quiet "torch>=2.4,<2.15"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/accelerate launch examples/distill_mnist.py $(DEMO_ARGS) $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: install
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) outputs tmp_trainer
