@@ -359,14 +359,14 @@ def test_mnist_example_pushes_a_student_that_loads_from_the_hub(hub_client, tmp_
     command = [sys.executable, str(EXAMPLE), "--data_dir", str(MNIST_DIR), "--output_dir", str(output_dir),
                "--max_train_samples", "300", "--max_test_samples", "100", "--validation_size", "100",
                "--teacher_hidden_sizes", "32", "--teacher_epochs", "1", "--student_hidden_sizes", "16",
-               "--num_train_epochs", "1", "--num_threads", "1", "--report_to", "none",
+               "--num_train_epochs", "1", "--temperature", "3.0", "--num_threads", "1", "--report_to", "none",
                "--push_to_hub", "--hub_model_id", "mnist-student"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     repo_id = "hf-distill-tester/mnist-student"
     card = ModelCard(hub_client.repo_files(repo_id)["README.md"].decode())
-    assert "knowledge-distillation" in card.data.tags and card.data.distillation["temperature"] == 4.0
+    assert "knowledge-distillation" in card.data.tags and card.data.distillation["temperature"] == 3.0
     assert "eval_teacher_agreement" in card_results_table(str(card))
     # Pulled with one standard call (here, in this process: a fresh one is tested above), it is the local student.
     import hf_distill  # noqa: F401 - registers the MLP with the Auto classes
