@@ -48,7 +48,7 @@ USER = "hf-distill-tester"
 # What the Hub accepts as a repo or namespace name.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# The Hub stores a file through LFS when it is binary or large; its threshold for text files is 10 MB.
+# Like the Hub: a file goes through LFS when it is binary (a NUL byte in its first 512 bytes) or over 10 MB.
 _LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
 _INITIAL_GITATTRIBUTES = (
     b"*.bin filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
