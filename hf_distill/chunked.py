@@ -1,0 +1,240 @@
+"""Token-level distillation at bounded memory: the KD loss computed over chunks of positions.
+
+For a causal LM the KD term compares ``[N, V]`` logits of teacher and student (``N`` counted tokens, ``V`` the
+vocabulary). :func:`hf_distill.losses.distillation_divergence` upcasts both to float32, takes both log-softmaxes and lets
+autograd keep them (and their elementwise products) for the backward: about five float32 ``[N, V]`` tensors at once on
+top of the logits themselves (≈ 5 GiB at N = 8192, V = 32000). :func:`chunked_distillation_loss` computes the same sum
+
+    Σ_{counted n} T² · D(q_n ‖ p_n)        (``p = softmax(z / T)`` student, ``q = softmax(v / T)`` teacher)
+
+``chunk_size`` positions at a time, and with each chunk's value it writes that chunk's gradient with respect to the
+student logits into one ``[N, V]`` buffer of the student's dtype. Backward then only scales that buffer by the incoming
+gradient, in place. Its extra memory is therefore the gradient the student's logits need anyway, plus a few float32
+``[chunk_size, V]`` work tensors.
+
+Gradients (``a = z / T``, ``b = v / T``, ``∂/∂z = (1 / T) ∂/∂a``; each line includes the ``T²`` factor):
+
+* ``"kl"``, ``T² Σ q (log q − log p)``:  ``∂/∂z = T (p − q)`` (Hinton et al.'s soft-target gradient times ``T²``).
+* ``"reverse_kl"``, ``T² Σ p (log p − log q)``: with ``r = log p − log q`` and ``D = Σ p r``,
+  ``∂D/∂a_j = Σ_i p_i (δ_ij − p_j) (r_i + 1) = p_j (r_j − D)``, so ``∂/∂z = T p (r − D)``.
+* ``"jsd"``, ``m = β q + (1 − β) p``, ``T² [β KL(q ‖ m) + (1 − β) KL(p ‖ m)]``: the sum equals
+  ``β Σ q log q + (1 − β) Σ p log p − Σ m log m``, whose derivative in ``p_i`` is ``(1 − β)(log p_i − log m_i)``;
+  through the softmax, ``∂/∂z = T (1 − β) p (log p − log m − KL(p ‖ m))``.
+* ``"mse"``, ``(1 / 2V) Σ (z̃ − ṽ)²`` with centred logits (no ``T`` involved): ``∂/∂z = (z̃ − ṽ) / V`` (centring is an
+  orthogonal projection, so it passes through unchanged).
+
+The teacher logits are constants (the trainer computes them under ``no_grad``); positions outside ``mask`` contribute
+neither value nor gradient, and are never read, so a NaN/inf there (padding) stays out as with
+:func:`hf_distill.losses.masked_sum`.
+
+Not built here: a *fused* ``lm_head`` + KD variant (Liger's ``LigerFusedLinearJSD``) that takes the student's last
+hidden state ``[N, H]`` and ``lm_head`` weight ``[V, H]`` and forms logits chunk by chunk, returning gradients for
+hidden state and weight. It removes the remaining ``[N, V]`` tensors (the student's logits, their gradient, and the
+teacher's logits if the teacher is fused too), which matters once those dominate: e.g. N = 64K tokens at V = 152K is
+≈ 40 GiB per float32 ``[N, V]`` tensor. It needs the student's forward to stop before ``lm_head`` (transformers models
+always materialise ``logits`` unless called with ``logits_to_keep``), so it does not fit `DistillationTrainer`'s
+contract of distilling any model's ``outputs.logits``; it would be a separate, causal-LM-only path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .losses import DISTILLATION_LOSSES, DistillationLossType, distillation_divergence
+
+# About 4M float32 elements (16 MiB) per work tensor: small against an [N, V] buffer, large enough that the per-chunk
+# Python overhead is negligible next to the exp/log of a chunk.
+_DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk so that one float32 ``[chunk_size, V]`` work tensor holds about 4M elements (at least 1 row)."""
+    return max(1, _DEFAULT_CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def divergence_and_student_gradient(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float,
+    loss_type: DistillationLossType,
+    jsd_beta: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``T² · D(q ‖ p)`` and its gradient with respect to the student logits, in closed form.
+
+    Args:
+        student_logits: ``[C, V]`` student logits (any float dtype; computed in float32; never modified).
+        teacher_logits: ``[C, V]`` teacher logits.
+        temperature, loss_type, jsd_beta: as in :func:`hf_distill.losses.distillation_divergence`.
+
+    Returns:
+        ``(values [C], gradient [C, V])``, both float32: ``values`` equals ``distillation_divergence(...)`` and
+        ``gradient`` is ``∂ values.sum() / ∂ student_logits`` (formulas in the module docstring).
+    """
+    student_logits = student_logits.float()
+    teacher_logits = teacher_logits.float()
+    vocab_size = student_logits.shape[-1]
+
+    if loss_type == "mse":
+        difference = student_logits - teacher_logits
+        difference -= difference.mean(dim=-1, keepdim=True)
+        values = 0.5 * difference.square().mean(dim=-1)
+        return values, difference.div_(vocab_size)
+
+    if loss_type not in DISTILLATION_LOSSES:
+        raise ValueError(f"Unknown distillation loss {loss_type!r}; choose one of {DISTILLATION_LOSSES}.")
+    # `x / 1.0` would still copy; skipping it saves a [C, V] pass at T = 1.
+    if temperature != 1.0:
+        student_logits = student_logits / temperature
+        teacher_logits = teacher_logits / temperature
+    student_log_probs = F.log_softmax(student_logits, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
+    del student_logits, teacher_logits
+
+    if loss_type == "kl":
+        teacher_probs = teacher_log_probs.exp()
+        values = (teacher_probs * (teacher_log_probs - student_log_probs)).sum(dim=-1)
+        gradient = student_log_probs.exp_().sub_(teacher_probs)
+    elif loss_type == "reverse_kl":
+        student_probs = student_log_probs.exp()
+        log_ratio = student_log_probs.sub_(teacher_log_probs)  # log p − log q, reusing log p's storage
+        values = (student_probs * log_ratio).sum(dim=-1)
+        gradient = log_ratio.sub_(values[:, None]).mul_(student_probs)
+    else:  # "jsd"
+        mixture_log_probs = torch.logaddexp(
+            teacher_log_probs + math.log(jsd_beta), student_log_probs + math.log1p(-jsd_beta)
+        )
+        teacher_term = (teacher_log_probs.exp() * (teacher_log_probs - mixture_log_probs)).sum(dim=-1)
+        del teacher_log_probs
+        student_probs = student_log_probs.exp()
+        log_ratio = student_log_probs.sub_(mixture_log_probs)  # log p − log m
+        del mixture_log_probs
+        student_term = (student_probs * log_ratio).sum(dim=-1)  # KL(p ‖ m)
+        values = jsd_beta * teacher_term + (1.0 - jsd_beta) * student_term
+        gradient = log_ratio.sub_(student_term[:, None]).mul_(student_probs).mul_(1.0 - jsd_beta)
+    # T² on the value; T² · (1/T) = T on the gradient.
+    return values * temperature**2, gradient.mul_(temperature)
+
+
+def _row_blocks(logits: torch.Tensor) -> list[torch.Tensor]:
+    """2-D views ``[n_i, V]`` of ``logits [..., V]`` covering its rows in row-major order, without copying.
+
+    One block when the leading dims flatten as a view; otherwise (e.g. the causal shift ``logits[:, :-1]`` of a
+    ``[B, L, V]`` tensor) the blocks of each index of the first dim.
+    """
+    if logits.dim() <= 2:
+        return [logits.reshape(-1, logits.shape[-1])]  # a 1-D [V] row becomes [1, V], a view
+    try:
+        return [logits.view(-1, logits.shape[-1])]
+    except RuntimeError:
+        return [block for sub_tensor in logits.unbind(0) for block in _row_blocks(sub_tensor)]
+
+
+class _ChunkedDistillationLoss(torch.autograd.Function):
+    """Sum of ``T² · D`` over counted rows; the gradient is computed chunk by chunk during forward."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, mask, temperature, loss_type, jsd_beta, chunk_size):
+        vocab_size = student_logits.shape[-1]
+        flat_mask = mask.reshape(-1)
+        needs_gradient = ctx.needs_input_grad[0]
+        # Contiguous, so one view covers it; the returned gradient need not share the input's strides.
+        gradient = None
+        if needs_gradient:
+            gradient = torch.empty(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
+            flat_gradient = gradient.view(-1, vocab_size)
+        total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+
+        first_row = 0
+        for student_block, teacher_block in zip(_row_blocks(student_logits), _row_blocks(teacher_logits)):
+            num_rows = student_block.shape[0]
+            block_mask = flat_mask[first_row : first_row + num_rows]
+            if needs_gradient:
+                gradient_block = flat_gradient[first_row : first_row + num_rows]
+                gradient_block[~block_mask] = 0
+            first_row += num_rows
+            counted_rows = block_mask.nonzero().squeeze(1)
+            for rows in counted_rows.split(chunk_size) if len(counted_rows) else ():
+                first, last = int(rows[0]), int(rows[-1])
+                # Consecutive counted rows (the usual case) are a view; otherwise gather this chunk's rows.
+                selection = slice(first, last + 1) if last - first + 1 == len(rows) else rows
+                student_rows, teacher_rows = student_block[selection], teacher_block[selection]
+                if not needs_gradient:
+                    total += distillation_divergence(
+                        student_rows, teacher_rows, temperature=temperature, loss_type=loss_type, jsd_beta=jsd_beta
+                    ).sum()
+                    continue
+                values, rows_gradient = divergence_and_student_gradient(
+                    student_rows, teacher_rows, temperature=temperature, loss_type=loss_type, jsd_beta=jsd_beta
+                )
+                total += values.sum()
+                gradient_block[selection] = rows_gradient.to(gradient.dtype)
+
+        if needs_gradient:
+            ctx.save_for_backward(gradient)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (gradient,) = ctx.saved_tensors
+        # In place: the buffer is ours alone. A second backward through the same graph is refused by autograd's
+        # version check on saved tensors rather than silently scaling twice.
+        return gradient.mul_(grad_output), None, None, None, None, None, None
+
+
+def chunked_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float,
+    loss_type: DistillationLossType = "kl",
+    jsd_beta: float = 0.5,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``Σ_{mask} T² · D(q ‖ p)`` computed ``chunk_size`` positions at a time, with an exact closed-form gradient.
+
+    Same value and gradient as
+    ``losses.masked_sum(losses.distillation_divergence(student_logits, teacher_logits, ...), mask)``, without holding
+    float32 ``[N, V]`` log-softmaxes of both models: the extra memory is one ``[..., V]`` gradient buffer in the
+    student's dtype (what the student's logits receive in backward anyway) and a few float32 ``[chunk_size, V]`` work
+    tensors.
+
+    Args:
+        student_logits: ``[..., V]`` student logits, any float dtype; may be a strided view such as the causal shift
+            ``logits[..., :-1, :]`` (read in place, never copied whole).
+        teacher_logits: ``[..., V]`` teacher logits, same shape; treated as constants (no gradient flows to them).
+        mask: ``[...]`` bool, the positions that count.
+        temperature: ``T > 0``.
+        loss_type: ``"kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"mse"`` (see :func:`hf_distill.losses.distillation_divergence`).
+        jsd_beta: ``β`` of ``"jsd"``.
+        chunk_size: counted positions per chunk; default :func:`default_chunk_size` (≈ 4M elements per work tensor).
+
+    Returns:
+        A float32 scalar, the *sum* over counted positions (the trainer divides by the step's counted positions).
+        Its backward may run once (the gradient buffer is scaled in place).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must have"
+            " the same shape."
+        )
+    if mask.shape != student_logits.shape[:-1]:
+        raise ValueError(f"mask {tuple(mask.shape)} must have the logits' leading shape {tuple(student_logits.shape[:-1])}.")
+    if loss_type not in DISTILLATION_LOSSES:
+        raise ValueError(f"Unknown distillation loss {loss_type!r}; choose one of {DISTILLATION_LOSSES}.")
+    if teacher_logits.requires_grad:
+        raise ValueError(
+            "chunked_distillation_loss treats the teacher logits as constants; detach them (or use "
+            "losses.distillation_divergence to differentiate through the teacher)."
+        )
+    if chunk_size is None:
+        chunk_size = default_chunk_size(student_logits.shape[-1])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    return _ChunkedDistillationLoss.apply(
+        student_logits, teacher_logits, mask.bool(), temperature, loss_type, jsd_beta, chunk_size
+    )
