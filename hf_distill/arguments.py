@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .losses import DISTILLATION_LOSSES
+from .losses import DISTILLATION_LOSSES, ENSEMBLE_REDUCTIONS, SCHEDULES, check_ensemble_settings
 
 
 @dataclass
@@ -63,16 +63,58 @@ class DistillationTrainingArguments(TrainingArguments):
         },
     )
 
+    ensemble_reduction: str = field(
+        default="mean_probs",
+        metadata={
+            "help": "How an ensemble of teachers (a list as `teacher_model`) gives soft targets: 'mean_probs' (arithmetic"
+            " mean of the tempered distributions) or 'mean_log_probs' (geometric mean, renormalised).",
+            "choices": list(ENSEMBLE_REDUCTIONS),
+        },
+    )
+    teacher_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "Weights of the ensemble's teachers (normalised to sum to 1); default uniform."},
+    )
+    temperature_end: float | None = field(
+        default=None,
+        metadata={"help": "Final temperature of a `temperature_schedule` (which starts at `temperature`)."},
+    )
+    temperature_schedule: str = field(
+        default="constant",
+        metadata={"help": "How T moves from `temperature` to `temperature_end` over training.",
+                  "choices": list(SCHEDULES)},
+    )
+    alpha_end: float | None = field(
+        default=None,
+        metadata={"help": "Final alpha of an `alpha_schedule` (which starts at `alpha`)."},
+    )
+    alpha_schedule: str = field(
+        default="constant",
+        metadata={"help": "How alpha moves from `alpha` to `alpha_end` over training.", "choices": list(SCHEDULES)},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         # Validated here, before any model is built or data is read, so a typo costs nothing.
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"`temperature` must be a finite number > 0, got {self.temperature!r}; e.g. temperature=2.0.")
-        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
-            raise ValueError(
-                f"`alpha` must be in [0, 1] (the weight of the distillation term), got {self.alpha!r}; "
-                "e.g. alpha=0.9."
-            )
+        for name in ("temperature", "temperature_end"):
+            value = getattr(self, name)
+            if name == "temperature_end" and value is None:
+                continue
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}; e.g. {name}=2.0.")
+        for name in ("alpha", "alpha_end"):
+            value = getattr(self, name)
+            if name == "alpha_end" and value is None:
+                continue
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(
+                    f"`{name}` must be in [0, 1] (the weight of the distillation term), got {value!r}; e.g. {name}=0.9."
+                )
+        for schedule, end in (("temperature_schedule", "temperature_end"), ("alpha_schedule", "alpha_end")):
+            if getattr(self, schedule) not in SCHEDULES:
+                raise ValueError(f"Unknown `{schedule}` {getattr(self, schedule)!r}; choose one of {list(SCHEDULES)}.")
+            if getattr(self, schedule) != "constant" and getattr(self, end) is None:
+                raise ValueError(f"`{schedule}={getattr(self, schedule)!r}` needs `{end}`, the value to end at.")
         if self.distillation_loss not in DISTILLATION_LOSSES:
             raise ValueError(
                 f"Unknown `distillation_loss` {self.distillation_loss!r}; choose one of {list(DISTILLATION_LOSSES)}."
@@ -82,6 +124,8 @@ class DistillationTrainingArguments(TrainingArguments):
                 f"`jsd_beta` must be strictly between 0 and 1, got {self.jsd_beta!r}; for the limits use "
                 "distillation_loss='kl' (beta -> 0) or 'reverse_kl' (beta -> 1)."
             )
+        check_ensemble_settings(self.ensemble_reduction, self.teacher_weights,
+                                len(self.teacher_weights) if self.teacher_weights else 0)
         if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
             raise ValueError(
                 "`teacher_model_init_kwargs` must be a dict (or a JSON object string on the command line), got "

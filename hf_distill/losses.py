@@ -17,6 +17,7 @@ of the whole (gradient-accumulated, all-process) batch, so the KD term is a mean
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -140,3 +141,64 @@ def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 def agreement_count(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Number of counted positions where ``argmax`` of student and teacher logits agree (``[..., V]`` → scalar)."""
     return (student_logits.argmax(-1).eq(teacher_logits.argmax(-1)) & mask).sum()
+
+
+ENSEMBLE_REDUCTIONS: tuple[str, ...] = ("mean_probs", "mean_log_probs")
+
+
+def check_ensemble_settings(reduction: str, weights, num_teachers: int) -> None:
+    """Raise a clear `ValueError` for an unknown reduction or weights that don't fit the teachers."""
+    if reduction not in ENSEMBLE_REDUCTIONS:
+        raise ValueError(f"Unknown `ensemble_reduction` {reduction!r}; choose one of {list(ENSEMBLE_REDUCTIONS)}.")
+    if weights is not None:
+        if len(weights) != num_teachers:
+            raise ValueError(f"`teacher_weights` has {len(weights)} entries for {num_teachers} teachers; give one each.")
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"`teacher_weights` must be non-negative with a positive sum, got {list(weights)}.")
+
+
+def ensemble_teacher_logits(
+    teacher_logits: list[torch.Tensor],
+    *,
+    reduction: str = "mean_probs",
+    weights=None,
+    temperature: float,
+) -> torch.Tensor:
+    """Combine an ensemble's logits ``[..., V]`` each into "logits" whose tempered softmax is the ensemble's target.
+
+    With weights ``w_j`` (default uniform, normalised to sum to 1) and ``q_j = softmax(z_j / T)``:
+
+    * ``"mean_probs"`` — arithmetic mean ``q = Σ_j w_j q_j``; returns ``T · log q`` so that ``softmax(out / T) = q``.
+      Depends on T.
+    * ``"mean_log_probs"`` — geometric mean, renormalised: ``q ∝ Π_j q_j^{w_j} = softmax(Σ_j w_j z_j / T)``; returns
+      ``Σ_j w_j z_j`` (independent of T).
+
+    Returns a float32 ``[..., V]`` tensor usable wherever a single teacher's logits are.
+    """
+    stacked = torch.stack([logits.float() for logits in teacher_logits])  # [J, ..., V]
+    weight = torch.full((len(teacher_logits),), 1.0 / len(teacher_logits)) if weights is None else torch.tensor(
+        weights, dtype=torch.float32
+    ) / float(sum(weights))
+    weight = weight.to(stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+    if reduction == "mean_log_probs":
+        return (weight * stacked).sum(0)
+    if reduction == "mean_probs":
+        log_probs = F.log_softmax(stacked / temperature, dim=-1)
+        return temperature * torch.logsumexp(log_probs + weight.log(), dim=0)
+    raise ValueError(f"Unknown `ensemble_reduction` {reduction!r}; choose one of {list(ENSEMBLE_REDUCTIONS)}.")
+
+
+SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
+
+
+def scheduled_value(start: float, end: float | None, schedule: str, progress: float) -> float:
+    """A hyperparameter moving from `start` to `end` as training `progress` goes from 0 to 1.
+
+    ``constant``: start; ``linear``: start + (end − start)·progress; ``cosine``: end + (start − end)·(1 + cos(π·progress))/2.
+    """
+    if schedule == "constant" or end is None:
+        return start
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "linear":
+        return start + (end - start) * progress
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))

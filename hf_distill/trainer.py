@@ -12,91 +12,64 @@ The trainer only wires; the math lives in `hf_distill.losses`. Hooks overridden,
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForImageClassification,
-    AutoModelForMaskedLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    PreTrainedModel,
-    Trainer,
-)
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.trainer_pt_utils import find_batch_size
+from transformers import PreTrainedModel, Trainer
 from transformers.utils import logging
 
 from . import losses
 from .arguments import DistillationTrainingArguments
 from .hub import push_errors_explained
 from .model_card import write_distillation_model_card
+from .models import (
+    accepted_arguments,
+    counted_positions,
+    is_encoder_decoder,
+    is_token_level,
+    load_teacher,
+    logits_of,
+    output_size,
+    shifts_labels,
+    teacher_fingerprint,
+)
+from .teacher_cache import (
+    TEACHER_COLUMNS,
+    TEACHER_LOGITS,
+    TEACHER_TOPK_IDS,
+    TEACHER_TOPK_LOGPROBS,
+    TeacherColumnsCollator,
+    read_cache_metadata,
+)
 
 logger = logging.get_logger(__name__)
 
-# Auto classes tried, in order, to load a teacher given as a path or Hub id with the student's task head.
-_TASK_AUTO_CLASSES = (
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForMaskedLM,
-    AutoModelForTokenClassification,
-    AutoModelForSequenceClassification,
-    AutoModelForImageClassification,
-)
 
+class EnsembleTeacher(nn.Module):
+    """Several teachers as one: `forward` returns the ensemble's combined logits (`losses.ensemble_teacher_logits`).
 
-def _logits_of(outputs: Any) -> torch.Tensor:
-    """The logits of a model output: a `ModelOutput`/dict with ``logits``, or a bare tensor."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, Mapping) and "logits" in outputs:
-        return outputs["logits"]
-    if getattr(outputs, "logits", None) is not None:
-        return outputs.logits
-    raise TypeError(
-        f"Cannot find logits in a model output of type {type(outputs).__name__}: return a tensor of logits, a dict with "
-        "a 'logits' key, or a transformers `ModelOutput`."
-    )
-
-
-def _auto_class_for(model: nn.Module):
-    """The `AutoModelFor...` class whose mapping holds `type(model)`, or None."""
-    for auto_class in _TASK_AUTO_CLASSES:
-        mapping = auto_class._model_mapping
-        names = set()
-        for value in mapping._model_mapping.values():
-            names.update(value if isinstance(value, (tuple, list)) else (value,))
-        if type(model).__name__ in names or type(model) in mapping._extra_content.values():
-            return auto_class
-    return None
-
-
-def _output_size(model: nn.Module) -> int | None:
-    """Size of the last axis of the model's logits (vocabulary or number of labels), if knowable without a forward."""
-    if not isinstance(model, PreTrainedModel):
-        return None
-    output_embeddings = model.get_output_embeddings()
-    if output_embeddings is not None and getattr(output_embeddings, "weight", None) is not None:
-        return output_embeddings.weight.shape[0]
-    return getattr(model.config, "num_labels", None)
-
-
-def _accepted_arguments(model: nn.Module) -> set[str] | None:
-    """Input names `model.forward` takes, or None when it takes any (a plain module with ``**kwargs``).
-
-    A transformers model's ``**kwargs`` carry attention/loss options, not data columns, so only its named parameters
-    count.
+    `temperature` is set by the trainer before each use (an arithmetic mean of tempered distributions depends on it).
+    Each teacher receives the inputs its `forward` takes.
     """
-    parameters = inspect.signature(model.forward).parameters
-    if not isinstance(model, PreTrainedModel) and any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
-        return None
-    return {name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+    def __init__(self, teachers: Sequence[nn.Module], reduction: str = "mean_probs", weights=None,
+                 temperature: float = 1.0):
+        super().__init__()
+        losses.check_ensemble_settings(reduction, weights, len(teachers))
+        self.teachers = nn.ModuleList(teachers)
+        self.reduction, self.weights, self.temperature = reduction, weights, temperature
+        self._arguments = [accepted_arguments(t) for t in teachers]
+
+    def forward(self, **inputs) -> torch.Tensor:
+        per_teacher = [
+            logits_of(teacher(**{k: v for k, v in inputs.items() if names is None or k in names}))
+            for teacher, names in zip(self.teachers, self._arguments)
+        ]
+        return losses.ensemble_teacher_logits(per_teacher, reduction=self.reduction, weights=self.weights,
+                                              temperature=self.temperature)
 
 
 class _DistillationStats:
@@ -141,22 +114,25 @@ class DistillationTrainer(Trainer):
 
         alpha * mean_over_counted_positions(T² · D(teacher_T ‖ student_T)) + (1 − alpha) * label_loss
 
-    with `D`, `T` and `alpha` from [`DistillationTrainingArguments`] and the label loss being the student's own
-    (its `outputs.loss`, Trainer's label smoother when `label_smoothing_factor > 0`, or `compute_loss_func`). A counted
-    position is a row of a classifier, or a token whose label is not -100 (causal LMs: shifted exactly as their loss).
+    with `D`, `T` and `alpha` from [`DistillationTrainingArguments`] (T and alpha may follow a schedule) and the label
+    loss being the student's own (its `outputs.loss`, Trainer's label smoother when `label_smoothing_factor > 0`, or
+    `compute_loss_func`). A counted position is a row of a classifier, or a token whose label is not -100 (causal LMs:
+    shifted exactly as their loss).
 
     Args:
         model: the student, as for `Trainer`.
-        teacher_model: a `PreTrainedModel`, a plain `nn.Module` returning logits (or an output with `.logits`), or a
+        teacher_model: a `PreTrainedModel`, a plain `nn.Module` returning logits (or an output with `.logits`), a
             path / Hub id loaded with the `AutoModelFor...` class of the student's task head and
-            `args.teacher_model_init_kwargs`. Its logits must have the student's last-axis size, except for causal LMs
-            whose vocabularies are padded past the tokenizer (`processing_class`), which are compared on the
-            tokenizer's `len()` real entries.
+            `args.teacher_model_init_kwargs`, or a list of these (an ensemble, see `args.ensemble_reduction`). May be
+            None when the datasets carry teacher outputs from `precompute_teacher_logits`. Its logits must have the
+            student's last-axis size, except for causal LMs whose vocabularies are padded past the tokenizer
+            (`processing_class`), which are compared on the tokenizer's `len()` real entries.
         args: [`DistillationTrainingArguments`].
         **kwargs: every other `Trainer.__init__` argument, unchanged.
 
     The teacher is put in eval mode, frozen, moved to the student's device, run under the same autocast as the student,
-    never wrapped in DDP, never saved, never given to the optimizer.
+    never wrapped in DDP, never saved, never given to the optimizer. Batches that carry cached teacher columns use them
+    instead of running the teacher.
     """
 
     # `compute_loss` divides by the counted positions of the whole accumulated batch (`get_batch_samples`), so
@@ -166,7 +142,7 @@ class DistillationTrainer(Trainer):
     def __init__(
         self,
         model: PreTrainedModel | nn.Module | None = None,
-        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        teacher_model: PreTrainedModel | nn.Module | str | Sequence[PreTrainedModel | nn.Module | str] | None = None,
         args: DistillationTrainingArguments | None = None,
         **kwargs,
     ):
@@ -177,41 +153,28 @@ class DistillationTrainer(Trainer):
                 f"`args` must be a DistillationTrainingArguments (it carries temperature, alpha, distillation_loss), got"
                 f" {type(args).__name__}; build it with `DistillationTrainingArguments(...)` and the same fields."
             )
-        if teacher_model is None:
+        self.teacher_cache_metadata = read_cache_metadata(kwargs.get("train_dataset"))
+        if teacher_model is None and self.teacher_cache_metadata is None:
             raise ValueError(
-                "DistillationTrainer needs a `teacher_model`: a model, an nn.Module returning logits, or a path/Hub id. "
-                "For training on labels alone use transformers.Trainer (or alpha=0)."
+                "DistillationTrainer needs a `teacher_model` (a model, an nn.Module returning logits, a path/Hub id, or a"
+                " list of them) or a train_dataset with cached teacher outputs from `precompute_teacher_logits`. For "
+                "training on labels alone use transformers.Trainer (or alpha=0)."
             )
         super().__init__(model=model, args=args, **kwargs)
 
         student = self.accelerator.unwrap_model(self.model)
-        if isinstance(teacher_model, str):
-            teacher_model = self._load_teacher(teacher_model, student)
-        if not isinstance(teacher_model, nn.Module):
-            raise TypeError(f"`teacher_model` must be an nn.Module or a path/Hub id, got {type(teacher_model).__name__}.")
-        self.teacher_model = teacher_model
-
-        config = getattr(student, "config", None)
-        self._is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-        # Same test Trainer uses to shift labels for its label smoother.
-        self._shift_labels = type(student).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() and (
-            not self._is_encoder_decoder
-        )
-        # Token-level students have one prediction per token, so without labels the attention mask says what counts.
-        self._token_level = isinstance(student, PreTrainedModel) and (
-            student.get_output_embeddings() is not None or _auto_class_for(student) is AutoModelForTokenClassification
-        )
-        self._kd_vocab_size = self._check_output_sizes(student, teacher_model)
-        self._student_arguments = _accepted_arguments(student)
-        self._teacher_arguments = _accepted_arguments(teacher_model)
+        self._shift_labels, self._token_level = shifts_labels(student), is_token_level(student)
+        self._is_encoder_decoder = is_encoder_decoder(student)
+        self._student_arguments = accepted_arguments(student)
+        self.teacher_model = self._build_teacher(teacher_model, student)
+        self._kd_vocab_size = self._check_output_sizes(student, self.teacher_model)
         self._check_labels_available()
+        self._check_teacher_cache(self.train_dataset)
 
-        teacher_model.eval()
-        teacher_model.requires_grad_(False)
-        self._teacher_prepared = False
-        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(teacher_model, "hf_device_map", None)):
-            teacher_model.to(self.args.device)
-            self._teacher_prepared = True
+        # Cached teacher columns: kept by `remove_unused_columns`, batched by the wrapper whatever the collator.
+        self._set_signature_columns_if_needed()
+        self._signature_columns += [c for c in TEACHER_COLUMNS if c not in self._signature_columns]
+        self.data_collator = TeacherColumnsCollator(self.data_collator)
 
         self._train_stats = _DistillationStats()
         self._eval_stats = _DistillationStats()
@@ -220,22 +183,39 @@ class DistillationTrainer(Trainer):
 
     # ---- construction helpers ----
 
-    def _load_teacher(self, name_or_path: str, student: nn.Module) -> PreTrainedModel:
-        auto_class = _auto_class_for(student)
-        if auto_class is None:
-            raise ValueError(
-                f"Cannot tell which AutoModelFor... class loads a teacher for a {type(student).__name__} student; load "
-                f"the teacher yourself and pass the model as `teacher_model` instead of {name_or_path!r}."
-            )
-        init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
-        dtype = init_kwargs.get("dtype", init_kwargs.get("torch_dtype"))
-        if isinstance(dtype, str) and dtype != "auto":
-            init_kwargs["dtype" if "dtype" in init_kwargs else "torch_dtype"] = getattr(torch, dtype)
-        return auto_class.from_pretrained(name_or_path, **init_kwargs)
+    def _build_teacher(self, teacher_model, student: nn.Module) -> nn.Module | None:
+        """Load, combine, freeze and place the teacher(s)."""
+        if teacher_model is None:
+            return None
+        teachers = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
+        if not teachers:
+            raise ValueError("`teacher_model` is an empty list; give at least one teacher.")
+        teachers = [load_teacher(t, student, self.args.teacher_model_init_kwargs) if isinstance(t, str) else t
+                    for t in teachers]
+        for teacher in teachers:
+            if not isinstance(teacher, nn.Module):
+                raise TypeError(f"`teacher_model` entries must be nn.Modules or paths/Hub ids, got {type(teacher)}.")
+        if len(teachers) > 1:
+            for teacher in teachers[1:]:
+                self._check_output_sizes(teachers[0], teacher)
+            teacher = EnsembleTeacher(teachers, self.args.ensemble_reduction, self.args.teacher_weights,
+                                      self.args.temperature)
+        else:
+            teacher = teachers[0]
+        self._teacher_arguments = accepted_arguments(teacher)
+        teacher.eval()
+        teacher.requires_grad_(False)
+        self._teacher_prepared = False
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(teacher, "hf_device_map", None)):
+            teacher.to(self.args.device)
+            self._teacher_prepared = True
+        return teacher
 
-    def _check_output_sizes(self, student: nn.Module, teacher: nn.Module) -> int | None:
+    def _check_output_sizes(self, student: nn.Module, teacher: nn.Module | None) -> int | None:
         """Raise on a teacher/student output-size mismatch; return the vocabulary slice for padded causal LMs."""
-        student_size, teacher_size = _output_size(student), _output_size(teacher)
+        if isinstance(teacher, EnsembleTeacher):
+            teacher = teacher.teachers[0]
+        student_size, teacher_size = output_size(student), output_size(teacher) if teacher is not None else None
         if student_size is None or teacher_size is None or student_size == teacher_size:
             return None
         tokenizer_size = len(self.processing_class) if hasattr(self.processing_class, "__len__") else None
@@ -252,7 +232,8 @@ class DistillationTrainer(Trainer):
         )
 
     def _check_labels_available(self) -> None:
-        if self.args.alpha == 1.0 or self.train_dataset is None:
+        needs_labels = self.args.alpha < 1.0 or (self.args.alpha_end is not None and self.args.alpha_end < 1.0)
+        if not needs_labels or self.train_dataset is None:
             return
         label_columns = set(self.label_names) | {"label", "label_ids"}
         columns = getattr(self.train_dataset, "column_names", None)
@@ -269,6 +250,36 @@ class DistillationTrainer(Trainer):
                 "the teacher's soft targets alone."
             )
 
+    def _check_teacher_cache(self, dataset) -> None:
+        """Refuse cached teacher outputs that are not what this run (and its model card) will claim."""
+        metadata = read_cache_metadata(dataset)
+        if metadata is None:
+            return
+        if metadata.get("num_rows") is not None and len(dataset) != metadata["num_rows"]:
+            logger.info(f"Cached teacher outputs cover a {metadata['num_rows']}-row dataset; this one has "
+                        f"{len(dataset)} rows (a selection of it).")
+        if metadata.get("temperature") is not None and (
+            self.args.temperature_schedule != "constant" or metadata["temperature"] != self.args.temperature
+        ):
+            raise ValueError(
+                f"The cached ensemble targets were computed at temperature {metadata['temperature']} (an arithmetic "
+                f"mean depends on T) but this run uses temperature={self.args.temperature}"
+                f"{' with a schedule' if self.args.temperature_schedule != 'constant' else ''}. Recompute them with "
+                "`precompute_teacher_logits(..., temperature=...)`, or use ensemble_reduction='mean_log_probs'."
+            )
+        if self.teacher_model is not None:
+            members = self.teacher_model.teachers if isinstance(self.teacher_model, EnsembleTeacher) else [
+                self.teacher_model]
+            expected = [teacher_fingerprint(t) for t in members]
+            cached = [t["fingerprint"] for t in metadata["teachers"]]
+            if expected != cached:
+                raise ValueError(
+                    f"The train_dataset's cached teacher outputs come from teacher(s) "
+                    f"{[t['name'] for t in metadata['teachers']]} (fingerprints {cached}), not from the `teacher_model` "
+                    f"given (fingerprints {expected}). Pass the teacher that made the cache, teacher_model=None to use "
+                    "the cache alone, or recompute it with `precompute_teacher_logits`."
+                )
+
     def _prepare_teacher(self) -> None:
         """Place the teacher under DeepSpeed/FSDP, once, at its first use (after the engine config is final)."""
         if self.is_deepspeed_enabled:
@@ -281,22 +292,26 @@ class DistillationTrainer(Trainer):
                 self.accelerator._models.remove(self.teacher_model)
         self._teacher_prepared = True
 
+    # ---- schedules ----
+
+    def current_temperature_and_alpha(self, step: int | None = None) -> tuple[float, float]:
+        """T and alpha at optimizer step `step` (default: the current one), from their schedules (constant by default).
+
+        Derived from the step alone, so a run resumed from a checkpoint continues the schedule exactly.
+        """
+        args = self.args
+        step = self.state.global_step if step is None else step
+        progress = step / self.state.max_steps if self.state.max_steps else 0.0
+        return (
+            losses.scheduled_value(args.temperature, args.temperature_end, args.temperature_schedule, progress),
+            losses.scheduled_value(args.alpha, args.alpha_end, args.alpha_schedule, progress),
+        )
+
     # ---- the loss ----
 
     def _counted_positions(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """Boolean mask ``[B]`` (sequence level) or ``[B, L']`` (token level) of the positions that count."""
-        labels = inputs.get("labels")
-        if labels is not None:
-            mask = labels.ne(losses.IGNORE_INDEX)
-        elif self._token_level:
-            reference = inputs.get("attention_mask", inputs.get("decoder_attention_mask"))
-            if reference is None:
-                reference = torch.ones_like(inputs[self.model.main_input_name], dtype=torch.bool)
-            mask = reference.bool()
-        else:
-            batch_size = find_batch_size(inputs)
-            mask = torch.ones(batch_size, dtype=torch.bool, device=self.args.device)
-        return mask[..., 1:] if self._shift_labels and mask.dim() > 1 else mask
+        return counted_positions(inputs, token_level=self._token_level, shift=self._shift_labels,
+                                 main_input_name=getattr(self.model, "main_input_name", "input_ids"))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Trainer's prefetch of one optimizer step's micro-batches, counting their positions (all processes)."""
@@ -308,9 +323,16 @@ class DistillationTrainer(Trainer):
             num_items_in_batch = self.accelerator.gather(num_items_in_batch).sum()
         return batch_samples, num_items_in_batch
 
-    def _teacher_logits(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+    def _teacher_logits(self, inputs: Mapping[str, Any], temperature: float) -> torch.Tensor:
+        if self.teacher_model is None:
+            raise ValueError(
+                "This batch carries no cached teacher outputs and no `teacher_model` was given (e.g. an eval_dataset "
+                "without `precompute_teacher_logits` columns): pass the teacher, or precompute this dataset too."
+            )
         if not self._teacher_prepared:
             self._prepare_teacher()
+        if isinstance(self.teacher_model, EnsembleTeacher):
+            self.teacher_model.temperature = temperature
         keep_labels = self._is_encoder_decoder and "decoder_input_ids" not in inputs  # builds the decoder inputs
         teacher_inputs = {
             key: value
@@ -320,7 +342,54 @@ class DistillationTrainer(Trainer):
         # The student runs under accelerate's autocast (its forward is wrapped at `prepare`); the teacher is never
         # prepared, so it gets the same autocast explicitly.
         with torch.no_grad(), self.accelerator.autocast():
-            return _logits_of(self.teacher_model(**teacher_inputs))
+            return logits_of(self.teacher_model(**teacher_inputs))
+
+    def _aligned_logits(self, student_logits, inputs, cached, mask, temperature):
+        """Student and teacher logits ``[..., V']`` over the same positions, the mask over them, the teacher's argmax.
+
+        Online: the full ``[B, (L,) V]`` tensors (causal LMs shifted). Cached token-level outputs hold counted
+        positions only, so the student's are selected to match: ``[N, V]`` with an all-true mask. Cached top-k: the
+        student's logits at the teacher's top-k ids, ``[..., k]``.
+        """
+        if self._shift_labels:
+            student_logits = student_logits[..., :-1, :]
+        if not cached:
+            teacher_logits = self._teacher_logits(inputs, temperature)
+            if self._shift_labels:
+                teacher_logits = teacher_logits[..., :-1, :]
+            if self._kd_vocab_size is not None:
+                student_logits = student_logits[..., : self._kd_vocab_size]
+                teacher_logits = teacher_logits[..., : self._kd_vocab_size]
+        else:
+            teacher_logits = cached.get(TEACHER_LOGITS, cached.get(TEACHER_TOPK_LOGPROBS))
+            if self._token_level:
+                if teacher_logits.shape[0] != int(mask.sum()):
+                    raise ValueError(
+                        f"Cached teacher outputs hold {teacher_logits.shape[0]} positions for a batch that counts "
+                        f"{int(mask.sum())}: they were computed with other labels/attention masks or for other rows. "
+                        "Recompute them with `precompute_teacher_logits` on this dataset."
+                    )
+                student_logits, mask = student_logits[mask], mask.new_ones(teacher_logits.shape[0])
+            if TEACHER_TOPK_IDS in cached:
+                top_k_ids = cached[TEACHER_TOPK_IDS].long()
+                teacher_argmax = top_k_ids[..., 0]
+                student_logits = student_logits.gather(-1, top_k_ids)
+                if student_logits.shape != teacher_logits.shape:
+                    raise ValueError(f"Cached top-k teacher outputs {tuple(teacher_logits.shape)} do not match the "
+                                     f"batch's positions {tuple(student_logits.shape)}.")
+                return student_logits, teacher_logits, mask, teacher_argmax
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(
+                f"Teacher and student outputs differ: teacher logits {tuple(teacher_logits.shape)}, student logits "
+                f"{tuple(student_logits.shape)} (last axis: num_labels or vocabulary size). Use a teacher with the "
+                "student's label set / tokenizer (or recompute cached teacher outputs for this dataset)."
+            )
+        if mask.shape != student_logits.shape[:-1]:
+            raise ValueError(
+                f"Labels of shape {tuple(mask.shape)} do not match logits of shape {tuple(student_logits.shape)} (one "
+                "label per position expected; -100 marks positions to ignore)."
+            )
+        return student_logits, teacher_logits, mask, teacher_logits.argmax(-1)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``alpha · KD + (1 − alpha) · label loss``, normalised by the counted positions of the optimizer step.
@@ -329,7 +398,9 @@ class DistillationTrainer(Trainer):
         and all processes; each micro-batch contributes its *sum* divided by it. In evaluation the loss is the
         micro-batch mean, as Trainer reports it.
         """
-        alpha = self.args.alpha
+        temperature, alpha = self.current_temperature_and_alpha()
+        cached = {column: inputs[column] for column in TEACHER_COLUMNS if column in inputs}
+        inputs = {key: value for key, value in inputs.items() if key not in TEACHER_COLUMNS}
         mask = self._counted_positions(inputs)
         labels = inputs.get("labels")
         if labels is None and alpha < 1.0:
@@ -343,56 +414,29 @@ class DistillationTrainer(Trainer):
         if external_label_loss or (self._student_arguments is not None and "labels" not in self._student_arguments):
             student_inputs.pop("labels", None)
         outputs = model(**student_inputs)
-        student_logits = _logits_of(outputs)
+        student_logits = logits_of(outputs)
 
         training = model.training
-        run_teacher = alpha > 0 or not training  # alpha=0 trains on labels alone; evaluation still reports agreement
-        kd_sum = None
-        if run_teacher:
-            teacher_logits = self._teacher_logits(inputs)
-            kd_student_logits, kd_teacher_logits = student_logits, teacher_logits
-            if self._shift_labels:
-                kd_student_logits, kd_teacher_logits = student_logits[..., :-1, :], teacher_logits[..., :-1, :]
-            if self._kd_vocab_size is not None:
-                kd_student_logits = kd_student_logits[..., : self._kd_vocab_size]
-                kd_teacher_logits = kd_teacher_logits[..., : self._kd_vocab_size]
-            if kd_student_logits.shape != kd_teacher_logits.shape:
-                raise ValueError(
-                    f"Teacher and student outputs differ: teacher logits {tuple(kd_teacher_logits.shape)}, student "
-                    f"logits {tuple(kd_student_logits.shape)} (last axis: num_labels or vocabulary size). Use a teacher "
-                    "with the student's label set / tokenizer."
-                )
-            if mask.shape != kd_student_logits.shape[:-1]:
-                raise ValueError(
-                    f"Labels of shape {tuple(mask.shape)} do not match logits of shape {tuple(kd_student_logits.shape)}"
-                    " (one label per position expected; -100 marks positions to ignore)."
-                )
+        count = mask.sum()
+        stats = {"kd_sum": 0.0, "kd_count": 0.0, "ce_sum": 0.0, "ce_count": 0.0, "agree": 0.0}
+        # alpha = 0 trains on labels alone (no teacher pass); evaluation still reports the KD metrics.
+        if alpha > 0 or not training:
+            kd_student, kd_teacher, kd_mask, teacher_argmax = self._aligned_logits(
+                student_logits, inputs, cached, mask, temperature
+            )
             per_position = losses.distillation_divergence(
-                kd_student_logits,
-                kd_teacher_logits,
-                temperature=self.args.temperature,
-                loss_type=self.args.distillation_loss,
+                kd_student, kd_teacher, temperature=temperature, loss_type=self.args.distillation_loss,
                 jsd_beta=self.args.jsd_beta,
             )
-            kd_sum = losses.masked_sum(per_position, mask)
-            self._teacher_nonfinite |= ~torch.isfinite(kd_teacher_logits).all()
-            agree = losses.agreement_count(kd_student_logits.detach(), kd_teacher_logits, mask)
-
-        label_sum = None
-        count = mask.sum()
+            kd_sum = losses.masked_sum(per_position, kd_mask)
+            self._teacher_nonfinite |= ~torch.isfinite(kd_teacher).all()
+            agree = (kd_student.detach().argmax(-1).eq(teacher_argmax) & kd_mask).sum()
+            stats.update(kd_sum=kd_sum, kd_count=count, agree=agree)
         if alpha < 1.0:
             label_mean = self._label_loss(outputs, student_logits, labels)
             label_sum = label_mean * count  # the student's loss is a mean over exactly these positions
-
-        stats = self._train_stats if training else self._eval_stats
-        stats.add(
-            count.device,
-            kd_sum=kd_sum if kd_sum is not None else 0.0,
-            kd_count=count if kd_sum is not None else 0.0,
-            ce_sum=label_sum if label_sum is not None else 0.0,
-            ce_count=count if label_sum is not None else 0.0,
-            agree=agree if run_teacher else 0.0,
-        )
+            stats.update(ce_sum=label_sum, ce_count=count)
+        (self._train_stats if training else self._eval_stats).add(count.device, **stats)
 
         if alpha == 0.0:
             # Bit-identical to Trainer: the student's own loss, times a scale that is exactly 1 without accumulation.
@@ -443,6 +487,8 @@ class DistillationTrainer(Trainer):
         if "loss" in logs:  # a training log (evaluation logs carry `eval_loss`)
             self._raise_if_teacher_nonfinite(f"by optimizer step {self.state.global_step}")
             logs.update(self._train_stats.pop_means(self.accelerator))
+            # The values the last optimizer step was trained with.
+            logs["temperature"], logs["alpha"] = self.current_temperature_and_alpha(self.state.global_step - 1)
         super().log(logs, start_time)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,

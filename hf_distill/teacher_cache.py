@@ -1,0 +1,210 @@
+"""Cached (offline) teacher outputs: run the teacher once over a transfer set that is not augmented.
+
+`precompute_teacher_logits` adds the teacher's outputs to a `datasets.Dataset` as columns, one entry per row, so the
+cache follows its row through shuffling, `select`, `save_to_disk` and sharding (a cache keyed by step index serves the
+wrong teacher as soon as the order changes). `DistillationTrainer` uses the columns whenever a batch carries them.
+
+Columns:
+
+* ``teacher_logits`` — classification: ``[C]`` per row. Token level: ``[n_i, V]`` per row, one line per *counted*
+  position of the row (label not -100, causal LMs shifted: exactly the trainer's positions, in order).
+* ``teacher_topk_logprobs`` + ``teacher_topk_ids`` — with ``top_k=k``: the teacher's k largest log-probabilities at
+  T = 1 (descending) and their class/token ids, ``[k]`` or ``[n_i, k]`` per row. The KD term is then computed on the
+  teacher's top-k support, both distributions renormalised there: ``D(softmax(lp_topk / T) ‖ softmax(z[ids] / T))``.
+  Log-probabilities at T = 1 differ from logits by a per-position constant, so the renormalised tempered distribution
+  is the same for every T (the cache is temperature-free); what is approximated is the mass outside the top k, which
+  the student is no longer asked to match.
+
+The metadata (teacher names and weight fingerprints, reduction, top_k, dtype, and the temperature when an arithmetic
+ensemble makes the cache depend on it) is stored in ``dataset.info.description`` as JSON under
+``hf_distill_teacher_cache`` and is checked by the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import datasets
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import default_data_collator
+from transformers.utils import logging
+
+from . import losses
+from .models import (
+    accepted_arguments,
+    counted_positions,
+    is_token_level,
+    load_teacher,
+    logits_of,
+    model_name,
+    shifts_labels,
+    teacher_fingerprint,
+)
+
+logger = logging.get_logger(__name__)
+
+TEACHER_LOGITS = "teacher_logits"
+TEACHER_TOPK_LOGPROBS = "teacher_topk_logprobs"
+TEACHER_TOPK_IDS = "teacher_topk_ids"
+TEACHER_COLUMNS = (TEACHER_LOGITS, TEACHER_TOPK_LOGPROBS, TEACHER_TOPK_IDS)
+METADATA_KEY = "hf_distill_teacher_cache"
+
+
+def teacher_identity(teachers: Sequence[nn.Module]) -> list[dict[str, str]]:
+    return [{"name": model_name(t), "fingerprint": teacher_fingerprint(t)} for t in teachers]
+
+
+def read_cache_metadata(dataset: Any) -> dict | None:
+    """The cache metadata stored by `precompute_teacher_logits`, or None (not a `datasets.Dataset`, or no cache)."""
+    description = getattr(getattr(dataset, "info", None), "description", None)
+    if not description:
+        return None
+    try:
+        return json.loads(description).get(METADATA_KEY)
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def combined_teacher_logits(teachers: Sequence[nn.Module], inputs: dict, *, reduction: str, weights, temperature):
+    """Logits of one teacher, or of an ensemble combined by `losses.ensemble_teacher_logits`."""
+    per_teacher = [logits_of(teacher(**inputs)) for teacher in teachers]
+    if len(per_teacher) == 1:
+        return per_teacher[0]
+    return losses.ensemble_teacher_logits(per_teacher, reduction=reduction, weights=weights, temperature=temperature)
+
+
+def _as_teachers(teacher, init_kwargs) -> list[nn.Module]:
+    teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+    return [load_teacher(t, None, init_kwargs) if isinstance(t, str) else t for t in teachers]
+
+
+@torch.no_grad()
+def precompute_teacher_logits(
+    teacher: nn.Module | str | Sequence[nn.Module | str],
+    dataset: datasets.Dataset,
+    *,
+    batch_size: int = 64,
+    top_k: int | None = None,
+    dtype: str = "float16",
+    data_collator=None,
+    ensemble_reduction: str = "mean_probs",
+    teacher_weights: Sequence[float] | None = None,
+    temperature: float | None = None,
+    teacher_model_init_kwargs: dict | None = None,
+    device: str | torch.device | None = None,
+) -> datasets.Dataset:
+    """Run the teacher (or an ensemble) once over `dataset` and return it with the outputs as columns.
+
+    Args:
+        teacher: a model, a path/Hub id, or a list of them (an ensemble, combined with `ensemble_reduction` and
+            `teacher_weights` exactly as the trainer combines them online).
+        dataset: the transfer set. Its rows must hold what the teacher's forward takes (plus ``labels`` for token
+            level tasks, which choose the counted positions); other columns are carried through untouched.
+        batch_size: rows per teacher forward.
+        top_k: keep only the k largest log-probabilities per position (and their ids) instead of full logits.
+        dtype: ``"float16"`` (half the space; logits rarely need more) or ``"float32"`` (bit-exact with online KD).
+        data_collator: batches rows for the teacher (e.g. `DataCollatorWithPadding`); default `default_data_collator`.
+        temperature: required for an arithmetic-mean ensemble (``"mean_probs"``), whose soft targets depend on T;
+            the trainer then refuses another temperature.
+        device: where the teacher runs; default the accelerate process's device. When launched on several
+            processes, each computes a contiguous shard and the results are gathered in row order.
+
+    Returns:
+        `dataset` with ``teacher_logits`` (or ``teacher_topk_logprobs`` and ``teacher_topk_ids``) added.
+    """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"`dtype` must be 'float16' or 'float32', got {dtype!r}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"`top_k` must be a positive integer or None, got {top_k!r}.")
+    teachers = _as_teachers(teacher, teacher_model_init_kwargs)
+    if len(teachers) > 1 and ensemble_reduction == "mean_probs" and temperature is None:
+        raise ValueError("An arithmetic-mean ensemble ('mean_probs') depends on T: pass `temperature=`.")
+    losses.check_ensemble_settings(ensemble_reduction, teacher_weights, len(teachers))
+    if any(column in dataset.column_names for column in TEACHER_COLUMNS):
+        raise ValueError(
+            f"`dataset` already has teacher columns {[c for c in TEACHER_COLUMNS if c in dataset.column_names]}; "
+            "remove them (`dataset.remove_columns(...)`) before computing new ones."
+        )
+
+    state = PartialState()
+    device = torch.device(device) if device is not None else state.device
+    for t in teachers:
+        t.eval().to(device)
+    token_level, shift = is_token_level(teachers[0]), shifts_labels(teachers[0])
+    main_input_name = getattr(teachers[0], "main_input_name", "input_ids")
+
+    accepted = set.intersection(*[accepted_arguments(t) or set(dataset.column_names) for t in teachers])
+    model_columns = [c for c in dataset.column_names if c in accepted or c == "labels"]
+    rows = dataset.select_columns(model_columns)
+    # Contiguous shards, so gathering the processes' lists in process order restores row order.
+    shard = range(len(rows))
+    if state.num_processes > 1:
+        per_process = -(-len(rows) // state.num_processes)
+        shard = range(state.process_index * per_process, min(len(rows), (state.process_index + 1) * per_process))
+    loader = DataLoader(rows.select(shard), batch_size=batch_size, collate_fn=data_collator or default_data_collator)
+
+    storage_dtype = getattr(torch, dtype)
+    outputs: dict[str, list] = {name: [] for name in ((TEACHER_TOPK_LOGPROBS, TEACHER_TOPK_IDS) if top_k else (TEACHER_LOGITS,))}
+    for batch in logging.tqdm(loader, desc="Teacher logits", disable=not state.is_local_main_process):
+        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        teacher_inputs = {k: v for k, v in batch.items() if k in accepted and k != "labels"}
+        logits = combined_teacher_logits(
+            teachers, teacher_inputs, reduction=ensemble_reduction, weights=teacher_weights, temperature=temperature
+        ).float()
+        mask = counted_positions(batch, token_level=token_level, shift=shift, main_input_name=main_input_name)
+        if shift:
+            logits = logits[..., :-1, :]
+        if top_k:
+            log_probs = torch.log_softmax(logits, dim=-1)
+            values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
+            per_row = {TEACHER_TOPK_LOGPROBS: values.to(storage_dtype), TEACHER_TOPK_IDS: ids.int()}
+        else:
+            per_row = {TEACHER_LOGITS: logits.to(storage_dtype)}
+        for name, tensor in per_row.items():
+            for row, row_mask in zip(tensor.cpu(), mask.cpu()):
+                outputs[name].append((row[row_mask] if token_level else row).numpy())
+    if state.num_processes > 1:
+        outputs = {name: gather_object(values) for name, values in outputs.items()}
+
+    with_cache = dataset
+    for name, values in outputs.items():
+        value_type = datasets.Value("int32" if name == TEACHER_TOPK_IDS else dtype)
+        feature = datasets.List(datasets.List(value_type)) if token_level else datasets.List(value_type)
+        with_cache = with_cache.add_column(name, values, feature=feature)
+    metadata = {
+        "teachers": teacher_identity(teachers),
+        "ensemble_reduction": ensemble_reduction if len(teachers) > 1 else None,
+        "teacher_weights": list(teacher_weights) if teacher_weights is not None else None,
+        # Only an arithmetic ensemble's soft targets depend on T (logits and top-k log-probs do not).
+        "temperature": temperature if len(teachers) > 1 and ensemble_reduction == "mean_probs" else None,
+        "top_k": top_k,
+        "dtype": dtype,
+        "token_level": token_level,
+        "num_rows": len(dataset),
+    }
+    with_cache.info.description = json.dumps({METADATA_KEY: metadata})
+    return with_cache
+
+
+class TeacherColumnsCollator:
+    """Wraps a data collator: batches the cached teacher columns itself, so any collator (padding ones included)
+    works unchanged. Classification rows ``[C]`` are stacked to ``[B, C]``; token-level rows ``[n_i, V]`` are
+    concatenated to ``[Σ n_i, V]``, the counted positions of the batch in row-major order."""
+
+    def __init__(self, data_collator):
+        self.data_collator = data_collator
+
+    def __call__(self, features):
+        if not features or not isinstance(features[0], dict) or not any(c in features[0] for c in TEACHER_COLUMNS):
+            return self.data_collator(features)
+        cached = {c: [torch.as_tensor(f[c]) for f in features] for c in TEACHER_COLUMNS if c in features[0]}
+        batch = self.data_collator([{k: v for k, v in f.items() if k not in TEACHER_COLUMNS} for f in features])
+        for column, rows in cached.items():
+            batch[column] = torch.stack(rows) if rows[0].dim() == 1 else torch.cat(rows)
+        return batch
