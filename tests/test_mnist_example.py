@@ -187,15 +187,15 @@ def test_example_end_to_end_on_a_few_hundred_mnist_rows(tmp_path, capsys):
     example = load_example()
     argv = [
         "--data_dir", str(MNIST_DIR), "--output_dir", str(tmp_path), "--max_train_samples", "600",
-        "--validation_size", "200", "--max_test_samples", "300", "--omit_digit", "3", *TINY_RUN,
+        "--validation_size", "200", "--max_test_samples", "300", *TINY_RUN,
     ]  # fmt: skip
-    results = example.main(argv)
+    results = example.main([*argv, "--omit_digit", "3"])
     printed = capsys.readouterr().out
 
-    saved = json.loads((tmp_path / "results.json").read_text())
+    saved = json.loads((tmp_path / "results_without_3.json").read_text())
     assert saved["models"] == json.loads(json.dumps(results["models"]))
     assert (saved["train_size"], saved["validation_size"], saved["test_size"]) == (600, 200, 300)
-    png = (tmp_path / "results.png").read_bytes()
+    png = (tmp_path / "results_without_3.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
     assert [row["name"] for row in saved["models"]] == ["teacher", "baseline", "distilled"]
@@ -218,22 +218,10 @@ def test_example_end_to_end_on_a_few_hundred_mnist_rows(tmp_path, capsys):
     assert 0 <= omitted["errors_on_digit"] <= number_of_threes
     assert f"| as trained | {omitted['errors']} | {omitted['errors_on_digit']} |" in printed
 
-    # A second run with the same teacher settings reuses the saved teacher instead of training it again.
-    again = example.main(argv)
-    assert not results["teacher_reused"] and again["teacher_reused"]
-    assert again["models"][0]["test_errors"] == saved["models"][0]["test_errors"]
-    assert again["models"][0]["learning_curve"] == saved["models"][0]["learning_curve"]
-
-
-def test_presets_fill_in_defaults_that_explicit_flags_override():
-    example = load_example()
-    training_args, example_args, preset = example.parse_arguments([])
-    assert example_args.preset == "quick" and training_args.output_dir == "outputs/distill_mnist/quick"
-    assert (training_args.temperature, training_args.num_train_epochs) == (preset.temperature, preset.student_epochs)
-
-    training_args, example_args, preset = example.parse_arguments(
-        ["--preset", "paper", "--temperature", "8", "--teacher_hidden_sizes", "32", "32", "--output_dir", "elsewhere"]
-    )
-    assert training_args.output_dir == "elsewhere" and training_args.temperature == 8.0
-    assert preset.teacher_hidden_sizes == (32, 32)  # overridden
-    assert preset.student_hidden_sizes == (800, 800) and training_args.num_train_epochs == preset.student_epochs
+    # The plain experiment in the same output_dir reuses the saved teacher and writes its own files next to these.
+    plain = example.main(argv)
+    assert not results["teacher_reused"] and plain["teacher_reused"]
+    assert "omit_digit" not in plain and (tmp_path / "results.json").exists() and (tmp_path / "results.png").exists()
+    assert plain["models"][0]["test_errors"] == saved["models"][0]["test_errors"]
+    assert plain["models"][0]["learning_curve"] == saved["models"][0]["learning_curve"]
+    assert (tmp_path / "distilled" / "config.json").exists() and (tmp_path / "distilled_without_3" / "config.json").exists()
