@@ -138,11 +138,6 @@ def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def agreement_count(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Number of counted positions where ``argmax`` of student and teacher logits agree (``[..., V]`` → scalar)."""
-    return (student_logits.argmax(-1).eq(teacher_logits.argmax(-1)) & mask).sum()
-
-
 ENSEMBLE_REDUCTIONS: tuple[str, ...] = ("mean_probs", "mean_log_probs")
 
 

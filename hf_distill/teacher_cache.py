@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
@@ -172,11 +174,8 @@ def precompute_teacher_logits(
     if state.num_processes > 1:
         outputs = {name: gather_object(values) for name, values in outputs.items()}
 
-    with_cache = dataset
-    for name, values in outputs.items():
-        value_type = datasets.Value("int32" if name == TEACHER_TOPK_IDS else dtype)
-        feature = datasets.List(datasets.List(value_type)) if token_level else datasets.List(value_type)
-        with_cache = with_cache.add_column(name, values, feature=feature)
+    columns = datasets.Dataset(pa.table({name: _rows_to_arrow(values) for name, values in outputs.items()}))
+    with_cache = datasets.concatenate_datasets([dataset, columns], axis=1)
     metadata = {
         "teachers": teacher_identity(teachers),
         "ensemble_reduction": ensemble_reduction if len(teachers) > 1 else None,
@@ -190,6 +189,18 @@ def precompute_teacher_logits(
     }
     with_cache.info.description = json.dumps({METADATA_KEY: metadata})
     return with_cache
+
+
+def _rows_to_arrow(rows: list[np.ndarray]) -> pa.ListArray:
+    """Rows of shape ``[W]`` or ``[n_i, W]`` as an Arrow (nested) list array, built from one flat buffer: far faster
+    than Python lists for vocabulary-sized rows."""
+    flat = np.concatenate([row.reshape(-1) for row in rows])
+    width = rows[0].shape[-1]
+    array = pa.ListArray.from_arrays(pa.array(np.arange(0, len(flat) + 1, width, dtype=np.int64)), pa.array(flat))
+    if rows[0].ndim == 2:
+        row_offsets = np.cumsum([0] + [len(row) for row in rows], dtype=np.int64)
+        array = pa.ListArray.from_arrays(pa.array(row_offsets), array)
+    return array
 
 
 class TeacherColumnsCollator:

@@ -345,7 +345,7 @@ class DistillationTrainer(Trainer):
             return logits_of(self.teacher_model(**teacher_inputs))
 
     def _aligned_logits(self, student_logits, inputs, cached, mask, temperature):
-        """Student and teacher logits ``[..., V']`` over the same positions, the mask over them, the teacher's argmax.
+        """Student and teacher logits ``[..., V']`` over the same positions, the mask over them, and both argmaxes.
 
         Online: the full ``[B, (L,) V]`` tensors (causal LMs shifted). Cached token-level outputs hold counted
         positions only, so the student's are selected to match: ``[N, V]`` with an all-true mask. Cached top-k: the
@@ -372,12 +372,12 @@ class DistillationTrainer(Trainer):
                 student_logits, mask = student_logits[mask], mask.new_ones(teacher_logits.shape[0])
             if TEACHER_TOPK_IDS in cached:
                 top_k_ids = cached[TEACHER_TOPK_IDS].long()
-                teacher_argmax = top_k_ids[..., 0]
-                student_logits = student_logits.gather(-1, top_k_ids)
-                if student_logits.shape != teacher_logits.shape:
-                    raise ValueError(f"Cached top-k teacher outputs {tuple(teacher_logits.shape)} do not match the "
-                                     f"batch's positions {tuple(student_logits.shape)}.")
-                return student_logits, teacher_logits, mask, teacher_argmax
+                if top_k_ids.shape[:-1] != student_logits.shape[:-1]:
+                    raise ValueError(f"Cached top-k teacher outputs {tuple(top_k_ids.shape)} do not match the batch's "
+                                     f"positions {tuple(student_logits.shape[:-1])}.")
+                # Agreement uses the student's full argmax; the ids are sorted, so the teacher's is the first.
+                student_argmax = student_logits.detach().argmax(-1)
+                return student_logits.gather(-1, top_k_ids), teacher_logits, mask, student_argmax, top_k_ids[..., 0]
         if student_logits.shape != teacher_logits.shape:
             raise ValueError(
                 f"Teacher and student outputs differ: teacher logits {tuple(teacher_logits.shape)}, student logits "
@@ -389,7 +389,7 @@ class DistillationTrainer(Trainer):
                 f"Labels of shape {tuple(mask.shape)} do not match logits of shape {tuple(student_logits.shape)} (one "
                 "label per position expected; -100 marks positions to ignore)."
             )
-        return student_logits, teacher_logits, mask, teacher_logits.argmax(-1)
+        return student_logits, teacher_logits, mask, student_logits.detach().argmax(-1), teacher_logits.argmax(-1)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``alpha · KD + (1 − alpha) · label loss``, normalised by the counted positions of the optimizer step.
@@ -421,7 +421,7 @@ class DistillationTrainer(Trainer):
         stats = {"kd_sum": 0.0, "kd_count": 0.0, "ce_sum": 0.0, "ce_count": 0.0, "agree": 0.0}
         # alpha = 0 trains on labels alone (no teacher pass); evaluation still reports the KD metrics.
         if alpha > 0 or not training:
-            kd_student, kd_teacher, kd_mask, teacher_argmax = self._aligned_logits(
+            kd_student, kd_teacher, kd_mask, student_argmax, teacher_argmax = self._aligned_logits(
                 student_logits, inputs, cached, mask, temperature
             )
             per_position = losses.distillation_divergence(
@@ -430,7 +430,7 @@ class DistillationTrainer(Trainer):
             )
             kd_sum = losses.masked_sum(per_position, kd_mask)
             self._teacher_nonfinite |= ~torch.isfinite(kd_teacher).all()
-            agree = (kd_student.detach().argmax(-1).eq(teacher_argmax) & kd_mask).sum()
+            agree = (student_argmax.eq(teacher_argmax) & kd_mask).sum()
             stats.update(kd_sum=kd_sum, kd_count=count, agree=agree)
         if alpha < 1.0:
             label_mean = self._label_loss(outputs, student_logits, labels)

@@ -1,0 +1,114 @@
+"""Cached teacher outputs: same training as online distillation, row-keyed under shuffling, clear errors on mismatch."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from conftest import TASKS, bert_config, causal_lm_dataset, seeded, sequence_dataset
+from test_trainer import make_args, padding_collator
+from transformers import BertForSequenceClassification
+
+from hf_distill import DistillationTrainer, precompute_teacher_logits
+from hf_distill.teacher_cache import TEACHER_LOGITS, TEACHER_TOPK_IDS, TEACHER_TOPK_LOGPROBS, read_cache_metadata
+
+
+def logged(trainer, key="loss"):
+    return [h[key] for h in trainer.state.log_history if key in h and "eval_loss" not in h]
+
+
+def train(tmp_path, name, task, teacher, dataset, **overrides):
+    student_factory = TASKS[task][0]
+    collator = padding_collator() if task == "sequence_classification" else None
+    args = make_args(tmp_path / name, **{"num_train_epochs": 3, "max_steps": -1, "per_device_train_batch_size": 8,
+                                         "temperature": 3.0, "alpha": 0.6, **overrides})
+    trainer = DistillationTrainer(model=seeded(student_factory, 0), teacher_model=teacher, args=args,
+                                  train_dataset=dataset, data_collator=collator)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("task", ["sequence_classification", "causal_lm"])
+def test_cached_float32_logits_train_like_the_online_teacher(tmp_path, task):
+    """Shuffled, three epochs, ragged rows (padding): every logged loss agrees with online KD to 1e-5."""
+    teacher = seeded(TASKS[task][1], 1)
+    dataset = (sequence_dataset if task == "sequence_classification" else causal_lm_dataset)(n=24, ragged=True)
+    collator = padding_collator() if task == "sequence_classification" else None
+    cached = precompute_teacher_logits(teacher, dataset, batch_size=5, dtype="float32", data_collator=collator)
+    assert TEACHER_LOGITS in cached.column_names and len(cached) == len(dataset)
+
+    online = train(tmp_path, "online", task, teacher, dataset)
+    offline = train(tmp_path, "cached", task, None, cached)  # no teacher at all: the columns are the teacher
+    for key in ("loss", "loss_kd", "loss_ce", "teacher_agreement"):
+        assert len(logged(online, key)) == 9
+        assert logged(offline, key) == pytest.approx(logged(online, key), rel=1e-5, abs=1e-7), key
+
+
+def test_cache_survives_save_to_disk_and_shuffling(tmp_path):
+    teacher = seeded(TASKS["sequence_classification"][1], 1)
+    dataset = sequence_dataset(n=16)
+    cached = precompute_teacher_logits(teacher, dataset, batch_size=4, dtype="float32")
+    cached.save_to_disk(str(tmp_path / "cache"))
+    reloaded = datasets.load_from_disk(str(tmp_path / "cache")).shuffle(seed=3)
+    assert read_cache_metadata(reloaded)["teachers"] == read_cache_metadata(cached)["teachers"]
+    # Each row keeps its own teacher logits, whatever the order.
+    with torch.no_grad():
+        for row in reloaded.select(range(4)):
+            expected = teacher(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+            torch.testing.assert_close(torch.tensor(row[TEACHER_LOGITS]), expected)
+
+
+def test_top_k_cache_approximates_full_logits(tmp_path):
+    """k = V reproduces full-logit KD exactly; a small k is an approximation whose error is measured here."""
+    task = "causal_lm"
+    teacher = seeded(TASKS[task][1], 1)
+    dataset = causal_lm_dataset(n=16)
+    full = train(tmp_path, "full", task, None, precompute_teacher_logits(teacher, dataset, dtype="float32"))
+    vocab = teacher.config.vocab_size
+    every = precompute_teacher_logits(teacher, dataset, top_k=vocab, dtype="float32")
+    assert {TEACHER_TOPK_LOGPROBS, TEACHER_TOPK_IDS} <= set(every.column_names)
+    all_k = train(tmp_path, "all_k", task, None, every)
+    assert logged(all_k) == pytest.approx(logged(full), rel=1e-5)
+
+    # The approximation's error shrinks as k grows (this random teacher is nearly uniform: the worst case for top-k).
+    errors = []
+    for k in (4, 16, 32):
+        top_k = train(tmp_path, f"top{k}", task, None,
+                      precompute_teacher_logits(teacher, dataset, top_k=k, dtype="float32"))
+        errors.append(abs(logged(top_k, "loss_kd")[0] - logged(full, "loss_kd")[0]) / logged(full, "loss_kd")[0])
+        assert logged(top_k, "teacher_agreement")[0] == logged(full, "teacher_agreement")[0]
+    print(f"relative error of the first KD term, top-4/16/32 of {vocab}: {errors}")
+    assert errors[0] > errors[1] > errors[2] > 0
+
+
+def test_mismatched_caches_raise_clear_errors(tmp_path):
+    task = "sequence_classification"
+    teacher, other_teacher = seeded(TASKS[task][1], 1), seeded(TASKS[task][1], 2)
+    dataset = causal_lm_dataset(n=16)
+    lm_teacher = seeded(TASKS["causal_lm"][1], 1)
+    cached = precompute_teacher_logits(lm_teacher, dataset, dtype="float32")
+
+    # Positions that don't match the batch (labels changed after caching).
+    relabelled = cached.map(lambda row: {"labels": [-100] * 3 + row["labels"][3:]})
+    with pytest.raises(ValueError, match="Cached teacher outputs hold .* positions for a batch that counts"):
+        train(tmp_path, "relabelled", "causal_lm", None, relabelled)
+
+    # A teacher other than the one that made the cache.
+    classification = precompute_teacher_logits(teacher, sequence_dataset(n=16), dtype="float32")
+    with pytest.raises(ValueError, match="cached teacher outputs come from teacher"):
+        train(tmp_path, "other", task, other_teacher, classification)
+
+    # Cached logits of another label set.
+    five_way = seeded(lambda: BertForSequenceClassification(bert_config(32, num_labels=5)), 1)
+    wrong_size = precompute_teacher_logits(five_way, sequence_dataset(n=16), dtype="float32")
+    with pytest.raises(ValueError, match=r"teacher logits \(8, 5\), student logits \(8, 3\)"):
+        train(tmp_path, "size", task, None, wrong_size)
+
+    # An arithmetic ensemble cached at another temperature.
+    ensemble = precompute_teacher_logits([teacher, other_teacher], sequence_dataset(n=16), temperature=2.0)
+    with pytest.raises(ValueError, match="computed at temperature 2.0 .* temperature=3.0"):
+        train(tmp_path, "temperature", task, None, ensemble)
+
+    with pytest.raises(ValueError, match="teacher_model"):
+        DistillationTrainer(model=seeded(TASKS[task][0], 0), teacher_model=None, args=make_args(tmp_path),
+                            train_dataset=sequence_dataset())
