@@ -223,6 +223,11 @@ class DigitSplits:
     image_size: int
     num_labels: int = 10
 
+    @property
+    def is_mnist(self) -> bool:
+        """False for the scikit-learn fallback, whose numbers must not be compared with MNIST results."""
+        return self.source.startswith("MNIST")
+
 
 def _to_dataset(images: torch.Tensor, labels: torch.Tensor) -> ImageTensorDataset:
     return ImageTensorDataset(images.float().div_(255.0).unsqueeze(1), labels)
