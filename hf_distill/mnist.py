@@ -98,7 +98,7 @@ def load_mnist_hub(hub_id: str = MNIST_HUB_ID) -> dict[str, tuple[torch.Tensor, 
     Raises `ConnectionError` within seconds when the Hub cannot be reached, instead of waiting on retries.
     """
     if not _hub_is_reachable():
-        raise ConnectionError(f"The Hugging Face Hub is not reachable (or HF_HUB_OFFLINE is set); cannot load {hub_id}.")
+        raise ConnectionError(f"The Hugging Face Hub is unreachable (or HF_HUB_OFFLINE is set): cannot load {hub_id}")
     from datasets import load_dataset
 
     dataset = load_dataset(hub_id)
@@ -139,7 +139,7 @@ def jitter_images(pixel_values: torch.Tensor, max_shift: int = 2, generator: tor
     Args:
         pixel_values: `(..., height, width)` images, e.g. `(batch, channels, height, width)`; the shift is drawn
             independently for each index of the leading dimension and shared across any channels.
-        max_shift: largest shift in pixels; offsets are uniform on `{-max_shift, ..., max_shift}`² (25 positions for 2).
+        max_shift: largest shift in pixels; offsets are uniform on `{-max_shift, ..., max_shift}`² (25 when 2).
         generator: optional `torch.Generator` for reproducible offsets.
 
     Returns:

@@ -108,7 +108,8 @@ def find_shift(original: torch.Tensor, shifted: torch.Tensor, max_shift: int):
 
 def images_with_empty_border(batch_size: int, size: int = 12, border: int = 2, channels: int = 1) -> torch.Tensor:
     images = torch.zeros(batch_size, channels, size, size)
-    images[..., border:-border, border:-border] = torch.rand(batch_size, channels, size - 2 * border, size - 2 * border)
+    inner = size - 2 * border
+    images[..., border:-border, border:-border] = torch.rand(batch_size, channels, inner, inner)
     return images
 
 
@@ -212,7 +213,8 @@ def test_example_end_to_end_on_a_few_hundred_mnist_rows(tmp_path, capsys):
 
     omitted = saved["omit_digit"]
     number_of_threes = omitted["digit_test_count"]
-    assert omitted["digit"] == 3 and number_of_threes == int((example.load_digit_splits(MNIST_DIR).test.labels[:300] == 3).sum())
+    test_labels = example.load_digit_splits(MNIST_DIR).test.labels[:300]
+    assert omitted["digit"] == 3 and number_of_threes == int((test_labels == 3).sum())
     assert omitted["errors"] == saved["models"][2]["test_errors"]  # "as trained" is the distilled row
     assert 0 <= omitted["corrected_errors_on_digit"] <= omitted["corrected_errors"] <= 300
     assert 0 <= omitted["errors_on_digit"] <= number_of_threes
@@ -224,4 +226,5 @@ def test_example_end_to_end_on_a_few_hundred_mnist_rows(tmp_path, capsys):
     assert "omit_digit" not in plain and (tmp_path / "results.json").exists() and (tmp_path / "results.png").exists()
     assert plain["models"][0]["test_errors"] == saved["models"][0]["test_errors"]
     assert plain["models"][0]["learning_curve"] == saved["models"][0]["learning_curve"]
-    assert (tmp_path / "distilled" / "config.json").exists() and (tmp_path / "distilled_without_3" / "config.json").exists()
+    assert (tmp_path / "distilled" / "config.json").exists()
+    assert (tmp_path / "distilled_without_3" / "config.json").exists()

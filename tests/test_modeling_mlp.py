@@ -12,7 +12,8 @@ def tiny_config(**overrides) -> MLPConfig:
 
 def test_defaults_are_the_papers_mnist_teacher_shape():
     config = MLPConfig()
-    assert (config.image_size, config.num_channels, config.hidden_sizes, config.num_labels) == (28, 1, [1200, 1200], 10)
+    assert (config.image_size, config.num_channels, config.num_labels) == (28, 1, 10)
+    assert config.hidden_sizes == [1200, 1200]
     assert config.input_size == 784 and config.max_norm is None
 
 
@@ -40,7 +41,8 @@ def test_save_and_load_with_auto_classes(tmp_path):
 
     config = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(config, MLPConfig) and config.model_type == "hf_distill_mlp"
-    assert (config.hidden_sizes, config.input_dropout, config.hidden_dropout, config.max_norm) == ([12, 7], 0.2, 0.5, 3.5)
+    assert config.hidden_sizes == [12, 7]
+    assert (config.input_dropout, config.hidden_dropout, config.max_norm) == (0.2, 0.5, 3.5)
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
     assert isinstance(loaded, MLPForImageClassification)
     for (name, expected), (loaded_name, actual) in zip(model.state_dict().items(), loaded.state_dict().items()):
