@@ -55,6 +55,14 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, _DEFAULT_CHUNK_ELEMENTS // max(1, vocab_size))
 
 
+def _float32_scaled(logits: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
+    """``logits.float() / T`` (the naive loss's order of operations), written into ``out`` unless no copy is needed."""
+    if logits.dtype == torch.float32:
+        return logits if temperature == 1.0 else torch.div(logits, temperature, out=out)
+    out.copy_(logits)
+    return out if temperature == 1.0 else out.div_(temperature)
+
+
 def divergence_and_student_gradient(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -62,6 +70,8 @@ def divergence_and_student_gradient(
     temperature: float,
     loss_type: DistillationLossType,
     jsd_beta: float = 0.5,
+    workspace: torch.Tensor | None = None,
+    gradient_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``T² · D(q ‖ p)`` and its gradient with respect to the student logits, in closed form.
 
@@ -69,54 +79,64 @@ def divergence_and_student_gradient(
         student_logits: ``[C, V]`` student logits (any float dtype; computed in float32; never modified).
         teacher_logits: ``[C, V]`` teacher logits.
         temperature, loss_type, jsd_beta: as in :func:`hf_distill.losses.distillation_divergence`.
+        workspace: optional float32 ``[4, ≥C, V]`` scratch space, reused across chunks. Every intermediate is written
+            into it, so a chunk allocates nothing ``[C, V]``-sized: freeing and re-allocating such tensors for every
+            chunk makes the allocator return them to the OS and fault them in again, which more than doubled the
+            time per element on CPU.
+        gradient_out: optional float32 ``[C, V]`` tensor that receives the gradient (e.g. a slice of the caller's
+            gradient buffer, sparing a copy).
 
     Returns:
         ``(values [C], gradient [C, V])``, both float32: ``values`` equals ``distillation_divergence(...)`` and
-        ``gradient`` is ``∂ values.sum() / ∂ student_logits`` (formulas in the module docstring).
+        ``gradient`` (``gradient_out`` when given) is ``∂ values.sum() / ∂ student_logits`` (formulas in the module
+        docstring).
     """
-    student_logits = student_logits.float()
-    teacher_logits = teacher_logits.float()
-    vocab_size = student_logits.shape[-1]
+    num_rows, vocab_size = student_logits.shape
+    if workspace is None:
+        workspace = torch.empty(4, num_rows, vocab_size, dtype=torch.float32, device=student_logits.device)
+    scratch, student_log_probs, teacher_log_probs, product = workspace[:, :num_rows]
+    if gradient_out is None:
+        gradient_out = torch.empty(num_rows, vocab_size, dtype=torch.float32, device=student_logits.device)
 
     if loss_type == "mse":
-        difference = student_logits - teacher_logits
-        difference -= difference.mean(dim=-1, keepdim=True)
-        values = 0.5 * difference.square().mean(dim=-1)
-        return values, difference.div_(vocab_size)
-
+        difference = torch.sub(_float32_scaled(student_logits, 1.0, scratch),
+                               _float32_scaled(teacher_logits, 1.0, product), out=student_log_probs)
+        difference.sub_(difference.mean(dim=-1, keepdim=True))
+        values = 0.5 * torch.mul(difference, difference, out=product).mean(dim=-1)
+        return values, torch.div(difference, vocab_size, out=gradient_out)
     if loss_type not in DISTILLATION_LOSSES:
         raise ValueError(f"Unknown distillation loss {loss_type!r}; choose one of {DISTILLATION_LOSSES}.")
-    # `x / 1.0` would still copy; skipping it saves a [C, V] pass at T = 1.
-    if temperature != 1.0:
-        student_logits = student_logits / temperature
-        teacher_logits = teacher_logits / temperature
-    student_log_probs = F.log_softmax(student_logits, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
-    del student_logits, teacher_logits
 
+    torch.log_softmax(_float32_scaled(student_logits, temperature, scratch), dim=-1, out=student_log_probs)
+    torch.log_softmax(_float32_scaled(teacher_logits, temperature, scratch), dim=-1, out=teacher_log_probs)
     if loss_type == "kl":
-        teacher_probs = teacher_log_probs.exp()
-        values = (teacher_probs * (teacher_log_probs - student_log_probs)).sum(dim=-1)
-        gradient = student_log_probs.exp_().sub_(teacher_probs)
+        teacher_probs = torch.exp(teacher_log_probs, out=scratch)
+        values = torch.sub(teacher_log_probs, student_log_probs, out=product).mul_(teacher_probs).sum(dim=-1)
+        gradient = torch.exp(student_log_probs, out=gradient_out).sub_(teacher_probs)  # p − q
     elif loss_type == "reverse_kl":
-        student_probs = student_log_probs.exp()
-        log_ratio = student_log_probs.sub_(teacher_log_probs)  # log p − log q, reusing log p's storage
-        values = (student_probs * log_ratio).sum(dim=-1)
-        gradient = log_ratio.sub_(values[:, None]).mul_(student_probs)
+        student_probs = torch.exp(student_log_probs, out=scratch)
+        log_ratio = student_log_probs.sub_(teacher_log_probs)  # log p − log q
+        values = torch.mul(student_probs, log_ratio, out=product).sum(dim=-1)
+        gradient = torch.sub(log_ratio, values[:, None], out=gradient_out).mul_(student_probs)  # p (r − D)
     else:  # "jsd"
+        # log m = logaddexp(log q + log β, log p + log(1 − β)), in `scratch`.
         mixture_log_probs = torch.logaddexp(
-            teacher_log_probs + math.log(jsd_beta), student_log_probs + math.log1p(-jsd_beta)
+            torch.add(teacher_log_probs, math.log(jsd_beta), out=scratch),
+            torch.add(student_log_probs, math.log1p(-jsd_beta), out=product),
+            out=scratch,
         )
-        teacher_term = (teacher_log_probs.exp() * (teacher_log_probs - mixture_log_probs)).sum(dim=-1)
-        del teacher_log_probs
-        student_probs = student_log_probs.exp()
+        teacher_term = torch.sub(teacher_log_probs, mixture_log_probs, out=product)
+        teacher_term = teacher_term.mul_(teacher_log_probs.exp_()).sum(dim=-1)  # KL(q ‖ m)
+        student_probs = torch.exp(student_log_probs, out=teacher_log_probs)  # log q is no longer needed
         log_ratio = student_log_probs.sub_(mixture_log_probs)  # log p − log m
-        del mixture_log_probs
-        student_term = (student_probs * log_ratio).sum(dim=-1)  # KL(p ‖ m)
+        student_term = torch.mul(student_probs, log_ratio, out=product).sum(dim=-1)  # KL(p ‖ m)
         values = jsd_beta * teacher_term + (1.0 - jsd_beta) * student_term
-        gradient = log_ratio.sub_(student_term[:, None]).mul_(student_probs).mul_(1.0 - jsd_beta)
+        gradient = torch.sub(log_ratio, student_term[:, None], out=gradient_out).mul_(student_probs)
+        gradient.mul_(1.0 - jsd_beta)
     # T² on the value; T² · (1/T) = T on the gradient.
-    return values * temperature**2, gradient.mul_(temperature)
+    if temperature != 1.0:
+        values, gradient = values * temperature**2, gradient.mul_(temperature)
+    return values, gradient
 
 
 def _row_blocks(logits: torch.Tensor) -> list[torch.Tensor]:
@@ -147,6 +167,10 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
             gradient = torch.empty(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
             flat_gradient = gradient.view(-1, vocab_size)
         total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        num_counted = int(flat_mask.sum())
+        # One scratch space for all chunks (see `divergence_and_student_gradient`).
+        workspace = torch.empty(4, min(chunk_size, num_counted), vocab_size, dtype=torch.float32,
+                                device=student_logits.device) if needs_gradient and num_counted else None
 
         first_row = 0
         for student_block, teacher_block in zip(_row_blocks(student_logits), _row_blocks(teacher_logits)):
@@ -154,24 +178,30 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
             block_mask = flat_mask[first_row : first_row + num_rows]
             if needs_gradient:
                 gradient_block = flat_gradient[first_row : first_row + num_rows]
-                gradient_block[~block_mask] = 0
+                # Indexed by row ids: a boolean row mask would be broadcast over the whole block.
+                gradient_block.index_fill_(0, (~block_mask).nonzero().squeeze(1), 0)
             first_row += num_rows
             counted_rows = block_mask.nonzero().squeeze(1)
             for rows in counted_rows.split(chunk_size) if len(counted_rows) else ():
                 first, last = int(rows[0]), int(rows[-1])
+                consecutive = last - first + 1 == len(rows)
                 # Consecutive counted rows (the usual case) are a view; otherwise gather this chunk's rows.
-                selection = slice(first, last + 1) if last - first + 1 == len(rows) else rows
+                selection = slice(first, last + 1) if consecutive else rows
                 student_rows, teacher_rows = student_block[selection], teacher_block[selection]
                 if not needs_gradient:
                     total += distillation_divergence(
                         student_rows, teacher_rows, temperature=temperature, loss_type=loss_type, jsd_beta=jsd_beta
                     ).sum()
                     continue
+                # A float32 buffer's rows take the gradient directly; otherwise it is written by copy (and cast).
+                in_place = consecutive and gradient.dtype == torch.float32
                 values, rows_gradient = divergence_and_student_gradient(
-                    student_rows, teacher_rows, temperature=temperature, loss_type=loss_type, jsd_beta=jsd_beta
+                    student_rows, teacher_rows, temperature=temperature, loss_type=loss_type, jsd_beta=jsd_beta,
+                    workspace=workspace, gradient_out=gradient_block[selection] if in_place else None,
                 )
                 total += values.sum()
-                gradient_block[selection] = rows_gradient.to(gradient.dtype)
+                if not in_place:
+                    gradient_block[selection] = rows_gradient.to(gradient.dtype)
 
         if needs_gradient:
             ctx.save_for_backward(gradient)

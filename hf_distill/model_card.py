@@ -58,6 +58,7 @@ from transformers import PreTrainedModel, Trainer
 from transformers.modelcard import TrainingSummary, make_markdown_table
 
 from . import __version__
+from .models import accepted_arguments
 
 
 TEMPLATE_PATH = importlib.resources.files("hf_distill") / "model_cards" / "distillation_model_card.md"
@@ -83,9 +84,9 @@ _LOSS_DESCRIPTIONS = {
 _TEACHER_RESULTS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters, each shared (tied) tensor counted once."""
-    return sum(parameter.numel() for parameter in model.parameters())
+def count_parameters(model: nn.Module | None) -> int | None:
+    """Number of parameters, each shared (tied) tensor counted once; None for a teacher known only by its outputs."""
+    return None if model is None else sum(parameter.numel() for parameter in model.parameters())
 
 
 def _cached_commit(repo_id: str, from_pretrained_kwargs: Mapping[str, Any]) -> str | None:
@@ -110,14 +111,38 @@ def _cached_commit(repo_id: str, from_pretrained_kwargs: Mapping[str, Any]) -> s
     return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
 
 
-def describe_teacher(teacher: nn.Module, teacher_model_init_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def describe_teacher(
+    teacher: nn.Module | None,
+    teacher_model_init_kwargs: Mapping[str, Any] | None = None,
+    cache_metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The teacher's lineage: ``teacher`` (Hub id, or directory name when loaded from disk), ``teacher_source``
     (``"local"`` for the latter), ``teacher_revision`` (the commit it was loaded at, for a Hub teacher), and
     ``teacher_architecture``. Unknown ones are omitted.
 
+    An ensemble is described member by member (``teachers``) and named by its members joined with " + ". A teacher
+    known only by cached outputs (`precompute_teacher_logits`, no teacher model given) is named from the cache's
+    metadata, with ``teacher_source: cached outputs``.
+
     A local path is reduced to its last component: the card is published, and the full path says nothing to a reader
     but may say something about the author's machine.
     """
+    members = getattr(teacher, "teachers", None)  # an `EnsembleTeacher`
+    if teacher is None or members is not None:
+        if teacher is None:
+            described = [{"teacher": os.path.basename(os.path.normpath(t["name"]))} for t in
+                         (cache_metadata or {}).get("teachers", [])]
+            lineage = {"teacher_source": "cached outputs", "teacher_architecture": "unknown (cached outputs)"}
+        else:
+            described = [describe_teacher(member, teacher_model_init_kwargs) for member in members]
+            lineage = {"teacher_architecture": f"ensemble of {len(described)}: " + ", ".join(
+                d["teacher_architecture"] for d in described)}
+        names = [d.get("teacher", d.get("teacher_architecture", "?")) for d in described]
+        if names:
+            lineage["teacher"] = " + ".join(names)
+        if len(described) > 1:
+            lineage["teachers"] = described
+        return lineage
     config = getattr(teacher, "config", None)
     name_or_path = getattr(config, "_name_or_path", None) or getattr(teacher, "name_or_path", None) or ""
     lineage: dict[str, Any] = {}
@@ -184,13 +209,11 @@ class _AsTrainerModel(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        from .trainer import _accepted_arguments  # deferred: trainer.py imports this module
-
-        accepted_arguments = _accepted_arguments(model)
+        accepted = accepted_arguments(model)
 
         def forward(**inputs):
-            if accepted_arguments is not None:
-                inputs = {key: value for key, value in inputs.items() if key in accepted_arguments}
+            if accepted is not None:
+                inputs = {key: value for key, value in inputs.items() if key in accepted}
             outputs = model(**inputs)
             return {"logits": outputs} if isinstance(outputs, torch.Tensor) else outputs
 
@@ -266,6 +289,9 @@ def student_and_teacher_results(
     if teacher_eval_results is not None:
         teacher_results = dict(teacher_eval_results)
         source = "the student by `DistillationTrainer.evaluate`, the teacher's results given by the user"
+    elif trainer.teacher_model is None:
+        teacher_results = {}
+        source = "the teacher is known only by its cached outputs; pass `teacher_eval_results` for its column"
     elif not can_evaluate:
         teacher_results = {}
         source = "the teacher is not evaluated in distributed or DeepSpeed/FSDP runs; pass `teacher_eval_results`"
@@ -418,8 +444,11 @@ def build_distillation_model_card(
     } or None
 
     student_parameters, teacher_parameters = count_parameters(student), count_parameters(teacher)
-    compression_ratio = round(teacher_parameters / student_parameters, 2) if student_parameters else None
-    lineage = describe_teacher(teacher, args.teacher_model_init_kwargs)
+    compression_ratio = (
+        round(teacher_parameters / student_parameters, 2) if student_parameters and teacher_parameters else None
+    )
+    cache_metadata = getattr(trainer, "teacher_cache_metadata", None)
+    lineage = describe_teacher(teacher, args.teacher_model_init_kwargs, cache_metadata)
     loss_settings: dict[str, Any] = {
         "loss": args.distillation_loss,
         "temperature": args.temperature,
@@ -427,6 +456,14 @@ def build_distillation_model_card(
     }
     if args.distillation_loss == "jsd":
         loss_settings["jsd_beta"] = args.jsd_beta
+    for name in ("temperature", "alpha"):  # schedules: the start value above, then how it moved
+        if getattr(args, f"{name}_schedule") != "constant":
+            loss_settings[f"{name}_schedule"] = getattr(args, f"{name}_schedule")
+            loss_settings[f"{name}_end"] = getattr(args, f"{name}_end")
+    if getattr(teacher, "teachers", None) is not None or len((cache_metadata or {}).get("teachers", [])) > 1:
+        loss_settings["ensemble_reduction"] = args.ensemble_reduction
+    if cache_metadata and cache_metadata.get("top_k"):
+        loss_settings["teacher_top_k"] = cache_metadata["top_k"]
     distillation = {
         **lineage,
         "teacher_parameters": teacher_parameters,
@@ -450,7 +487,7 @@ def build_distillation_model_card(
         "Architecture": (lineage["teacher_architecture"], type(student).__name__),
         "Revision": (f"`{lineage['teacher_revision']}`" if "teacher_revision" in lineage else "—", "—"),
         "Parameters": (
-            f"{teacher_parameters:,} ({_human_count(teacher_parameters)})",
+            f"{teacher_parameters:,} ({_human_count(teacher_parameters)})" if teacher_parameters else "—",
             f"{student_parameters:,} ({_human_count(student_parameters)})",
         ),
     }

@@ -12,6 +12,8 @@ The trainer only wires; the math lives in `hf_distill.losses`. Hooks overridden,
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -62,6 +64,15 @@ class EnsembleTeacher(nn.Module):
         self.teachers = nn.ModuleList(teachers)
         self.reduction, self.weights, self.temperature = reduction, weights, temperature
         self._arguments = [accepted_arguments(t) for t in teachers]
+        if all(names is not None for names in self._arguments):
+            # Show the members' inputs as this module's signature, so column filtering (Trainer's
+            # `remove_unused_columns`, `accepted_arguments`) keeps exactly what some member takes.
+            names = sorted(set().union(*self._arguments))
+            forward = functools.partial(type(self).forward, self)
+            forward.__signature__ = inspect.Signature(
+                [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in names]
+            )
+            self.forward = forward  # per instance: ensembles of different members have different inputs
 
     def forward(self, **inputs) -> torch.Tensor:
         per_teacher = [
@@ -171,10 +182,9 @@ class DistillationTrainer(Trainer):
         self._check_labels_available()
         self._check_teacher_cache(self.train_dataset)
 
-        # Cached teacher columns: kept by `remove_unused_columns`, batched by the wrapper whatever the collator.
-        self._set_signature_columns_if_needed()
-        self._signature_columns += [c for c in TEACHER_COLUMNS if c not in self._signature_columns]
-        self.data_collator = TeacherColumnsCollator(self.data_collator)
+        # Cached teacher columns are batched by this wrapper, whatever the collator (see `_set_signature_columns_...`).
+        if not isinstance(self.data_collator, TeacherColumnsCollator):
+            self.data_collator = TeacherColumnsCollator(self.data_collator)
 
         self._train_stats = _DistillationStats()
         self._eval_stats = _DistillationStats()
@@ -279,6 +289,11 @@ class DistillationTrainer(Trainer):
                     f"given (fingerprints {expected}). Pass the teacher that made the cache, teacher_model=None to use "
                     "the cache alone, or recompute it with `precompute_teacher_logits`."
                 )
+
+    def _set_signature_columns_if_needed(self):
+        """Trainer's columns to keep (the student's inputs and labels), plus the cached teacher columns."""
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [c for c in TEACHER_COLUMNS if c not in self._signature_columns]
 
     def _prepare_teacher(self) -> None:
         """Place the teacher under DeepSpeed/FSDP, once, at its first use (after the engine config is final)."""
