@@ -87,6 +87,20 @@ def test_bfloat16_inputs(loss_type):
     torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=2**-7, atol=2**-7 * expected_grad.abs().max().item())
 
 
+def test_vocabulary_slice_with_strided_rows():
+    """A ``[..., :V']`` slice (the trainer's padded-vocabulary case) has rows with a stride > V'; read as is."""
+    student, teacher, mask = causal_lm_logits(seed=7)
+    sliced = dict(temperature=4.0, loss_type="kl")
+    expected_loss, expected_grad = loss_and_gradient(
+        lambda s, t, m, **kw: naive_loss(s[..., :30], t[..., :30], m, **kw), student, teacher, mask, **sliced)
+    loss, grad = loss_and_gradient(
+        lambda s, t, m, **kw: chunked_distillation_loss(s[..., :30], t[..., :30], m, chunk_size=3, **kw),
+        student, teacher, mask, **sliced)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
+    assert_close_relative(grad, expected_grad, rtol=1e-5)
+    assert grad[..., 30:].abs().max() == 0
+
+
 def test_plain_rows_and_all_masked():
     g = torch.Generator().manual_seed(2)
     student = torch.randn(10, 13, generator=g).requires_grad_()
