@@ -1,0 +1,162 @@
+"""What distillation costs per step beyond the student's own training (issue 5's two ratios).
+
+1. cached ratio = step time of KD from cached teacher logits / step time of plain `Trainer` (same student, data,
+   batch): the price of the KD term alone, the teacher never runs. Target ≤ 1.05.
+2. online ratio = step time of online KD / (plain `Trainer` step time + teacher forward time on the same batch):
+   anything above 1 is overhead beyond the teacher's own forward. Target ≤ 1.05.
+
+For the paper's MNIST MLPs (teacher 2×1200, student 2×800, batch 128) and a small causal LM pair (GPT-2 configs,
+vocabulary 8,192, sequence 128, batch 8; cached in float16, full logits). Runs alternate (plain, cached, online,
+plain, ...) for `--rounds` rounds; each figure is the median over rounds of the mean step time of `--steps` steps after
+`--warmup` steps, measured between `on_step_end` callbacks (so data loading and collation are included). Teacher forward
+time is measured on the same batches under `torch.no_grad`.
+
+    python benchmarks/bench_teacher_overhead.py          # prints a table, writes benchmarks/results/teacher_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+from hf_distill import (
+    DistillationTrainer,
+    DistillationTrainingArguments,
+    MLPConfig,
+    MLPForImageClassification,
+    precompute_teacher_logits,
+)
+
+RESULTS = Path(__file__).parent / "results" / "teacher_overhead.json"
+MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
+
+
+class StepClock(TrainerCallback):
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.stamps.append(time.perf_counter())
+
+
+def mean_step_seconds(trainer_factory, warmup: int) -> float:
+    clock = StepClock()
+    trainer = trainer_factory()
+    trainer.add_callback(clock)
+    trainer.train()
+    stamps = clock.stamps[warmup:]
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def teacher_forward_seconds(teacher, dataset, batch_size: int, steps: int, warmup: int) -> float:
+    rows = dataset.remove_columns([c for c in dataset.column_names if c == "labels"])
+    batches = [default_data_collator([rows[i] for i in range(b * batch_size, (b + 1) * batch_size)])
+               for b in range(warmup + steps)]
+    times = []
+    with torch.no_grad():
+        for batch in batches:
+            start = time.perf_counter()
+            teacher(**batch)
+            times.append(time.perf_counter() - start)
+    return statistics.mean(times[warmup:])
+
+
+def mnist_pair():
+    torch.manual_seed(0)
+    teacher = MLPForImageClassification(MLPConfig(hidden_sizes=[1200, 1200], input_dropout=0.2, hidden_dropout=0.5))
+    student = MLPForImageClassification(MLPConfig(hidden_sizes=[800, 800]))
+    if (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        from hf_distill.mnist import load_mnist_idx
+
+        images, labels = load_mnist_idx(MNIST_DIR)["train"]
+        images, labels = images[:8192].float().div(255).unsqueeze(1), labels[:8192]
+    else:
+        images, labels = torch.rand(8192, 1, 28, 28), torch.randint(0, 10, (8192,))
+    dataset = datasets.Dataset.from_dict({"pixel_values": images.numpy(), "labels": labels.numpy()})
+    return teacher, student, dataset, 128
+
+
+def causal_lm_pair():
+    torch.manual_seed(0)
+    config = dict(vocab_size=8192, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    teacher = GPT2LMHeadModel(GPT2Config(n_embd=256, n_layer=4, n_head=4, **config))
+    student = GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=2, n_head=2, **config))
+    ids = torch.randint(0, 8192, (512, 128), generator=torch.Generator().manual_seed(0))
+    dataset = datasets.Dataset.from_dict({"input_ids": ids.numpy(), "labels": ids.numpy()})
+    return teacher, student, dataset, 8
+
+
+def measure(name, pair, rounds: int, steps: int, warmup: int) -> dict:
+    teacher, student, dataset, batch_size = pair()
+    initial_student = {k: v.clone() for k, v in student.state_dict().items()}
+    cached = precompute_teacher_logits(teacher, dataset, batch_size=batch_size, dtype="float16").with_format("torch")
+    dataset = dataset.with_format("torch")
+
+    with tempfile.TemporaryDirectory() as scratch:
+        common = dict(output_dir=scratch, per_device_train_batch_size=batch_size, max_steps=warmup + steps,
+                      report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True,
+                      seed=0, dataloader_num_workers=0)
+
+        def fresh_student():
+            student.load_state_dict(initial_student)
+            return student
+
+        def plain():
+            return Trainer(model=fresh_student(), args=TrainingArguments(**common), train_dataset=dataset)
+
+        def distill(teacher_model, train_dataset):
+            args = DistillationTrainingArguments(**common, temperature=2.0, alpha=0.5)
+            return lambda: DistillationTrainer(model=fresh_student(), teacher_model=teacher_model, args=args,
+                                               train_dataset=train_dataset)
+
+        times = {"plain": [], "cached": [], "online": [], "teacher_forward": []}
+        for _ in range(rounds):  # alternating, so drift on a shared machine hits every variant alike
+            times["plain"].append(mean_step_seconds(plain, warmup))
+            times["cached"].append(mean_step_seconds(distill(None, cached), warmup))
+            times["online"].append(mean_step_seconds(distill(teacher, dataset), warmup))
+            times["teacher_forward"].append(teacher_forward_seconds(teacher, dataset, batch_size, steps, warmup))
+    median = {key: statistics.median(values) for key, values in times.items()}
+    return {
+        "name": name,
+        "batch_size": batch_size,
+        "median_step_seconds": median,
+        "all_step_seconds": times,
+        "cached_ratio": median["cached"] / median["plain"],
+        "online_ratio": median["online"] / (median["plain"] + median["teacher_forward"]),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    options = parser.parse_args()
+    results = [measure(name, pair, options.rounds, options.steps, options.warmup)
+               for name, pair in (("MNIST MLP 2x1200 -> 2x800", mnist_pair), ("GPT-2 4L/256 -> 2L/128, V=8192",
+                                                                              causal_lm_pair))]
+    print("| pair | plain step (ms) | cached KD step (ms) | online KD step (ms) | teacher fwd (ms) | "
+          "cached / plain | online / (plain + teacher fwd) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        m = r["median_step_seconds"]
+        print(f"| {r['name']} | {1e3 * m['plain']:.1f} | {1e3 * m['cached']:.1f} | {1e3 * m['online']:.1f} | "
+              f"{1e3 * m['teacher_forward']:.1f} | {r['cached_ratio']:.3f} | {r['online_ratio']:.3f} |")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "options": vars(options), "results": results}, indent=2))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
