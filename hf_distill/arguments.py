@@ -63,6 +63,13 @@ class DistillationTrainingArguments(TrainingArguments):
         },
     )
 
+    kd_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Token-level KD at bounded memory: positions per chunk of `hf_distill.chunked`. None: chunked "
+            "automatically when the KD logits exceed 2**24 elements (default chunk size); 0: never chunked."
+        },
+    )
     ensemble_reduction: str = field(
         default="mean_probs",
         metadata={
@@ -124,6 +131,8 @@ class DistillationTrainingArguments(TrainingArguments):
                 f"`jsd_beta` must be strictly between 0 and 1, got {self.jsd_beta!r}; for the limits use "
                 "distillation_loss='kl' (beta -> 0) or 'reverse_kl' (beta -> 1)."
             )
+        if self.kd_chunk_size is not None and self.kd_chunk_size < 0:
+            raise ValueError(f"`kd_chunk_size` must be None (automatic), 0 (off) or positive, got {self.kd_chunk_size}.")
         check_ensemble_settings(self.ensemble_reduction, self.teacher_weights,
                                 len(self.teacher_weights) if self.teacher_weights else 0)
         if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):

@@ -25,6 +25,7 @@ from transformers.utils import logging
 
 from . import losses
 from .arguments import DistillationTrainingArguments
+from .chunked import chunked_distillation_loss
 from .hub import push_errors_explained
 from .model_card import write_distillation_model_card
 from .models import (
@@ -48,6 +49,10 @@ from .teacher_cache import (
 )
 
 logger = logging.get_logger(__name__)
+
+# Above this many elements in the token-level KD logits (e.g. 8 × 512 × 4096), `kd_chunk_size=None` chunks the loss:
+# the naive loss holds ~5 float32 copies of them for backward.
+CHUNKED_KD_THRESHOLD = 1 << 24
 
 
 class EnsembleTeacher(nn.Module):
@@ -439,11 +444,7 @@ class DistillationTrainer(Trainer):
             kd_student, kd_teacher, kd_mask, student_argmax, teacher_argmax = self._aligned_logits(
                 student_logits, inputs, cached, mask, temperature
             )
-            per_position = losses.distillation_divergence(
-                kd_student, kd_teacher, temperature=temperature, loss_type=self.args.distillation_loss,
-                jsd_beta=self.args.jsd_beta,
-            )
-            kd_sum = losses.masked_sum(per_position, kd_mask)
+            kd_sum = self._kd_sum(kd_student, kd_teacher, kd_mask, temperature)
             self._teacher_nonfinite |= ~torch.isfinite(kd_teacher).all()
             agree = (student_argmax.eq(teacher_argmax) & kd_mask).sum()
             stats.update(kd_sum=kd_sum, kd_count=count, agree=agree)
@@ -468,6 +469,23 @@ class DistillationTrainer(Trainer):
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages the processes' gradients
         return (loss, outputs) if return_outputs else loss
+
+    def _kd_sum(self, student_logits, teacher_logits, mask, temperature) -> torch.Tensor:
+        """``Σ_counted T²·D``: chunked (bounded memory, same value and gradient) for large token-level logits."""
+        chunk_size = self.args.kd_chunk_size
+        chunked = chunk_size != 0 and student_logits.dim() > 2 and (
+            chunk_size is not None or student_logits.numel() > CHUNKED_KD_THRESHOLD
+        )
+        if chunked:
+            return chunked_distillation_loss(
+                student_logits, teacher_logits, mask, temperature=temperature, loss_type=self.args.distillation_loss,
+                jsd_beta=self.args.jsd_beta, chunk_size=chunk_size,
+            )
+        per_position = losses.distillation_divergence(
+            student_logits, teacher_logits, temperature=temperature, loss_type=self.args.distillation_loss,
+            jsd_beta=self.args.jsd_beta,
+        )
+        return losses.masked_sum(per_position, mask)
 
     def _label_loss(self, outputs, student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The student's ordinary loss at T = 1, as a mean over its counted positions."""

@@ -346,3 +346,22 @@ def test_nonfinite_teacher_logits_name_the_step(tmp_path):
     # Raised before the bad step's update: the weights and the checkpoints written so far stay finite.
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+@pytest.mark.parametrize("loss_type", ["kl", "jsd"])
+def test_chunked_kd_trains_like_the_naive_loss(tmp_path, loss_type):
+    """`kd_chunk_size` switches a causal LM's KD term to `hf_distill.chunked`: same losses, same weights."""
+    student_factory, teacher_factory, _ = TASKS["causal_lm"]
+    teacher = seeded(teacher_factory, 1)
+    runs = {}
+    for name, chunk_size in (("naive", 0), ("chunked", 5)):
+        model = seeded(student_factory, 0)
+        trainer = DistillationTrainer(
+            model=model, teacher_model=teacher, train_dataset=causal_lm_dataset(n=16, ragged=True),
+            args=make_args(tmp_path / name, kd_chunk_size=chunk_size, distillation_loss=loss_type, temperature=2.0),
+        )
+        trainer.train()
+        runs[name] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
+                      torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert runs["chunked"][0] == pytest.approx(runs["naive"][0], rel=1e-5)
+    torch.testing.assert_close(runs["chunked"][1], runs["naive"][1], rtol=1e-5, atol=1e-6)
