@@ -207,7 +207,7 @@ def test_example_end_to_end_on_a_few_hundred_mnist_rows(tmp_path, capsys):
         assert len(row["learning_curve"]) == 3  # one validation point per epoch
         assert f"| {row['test_errors']} / 300 | {row['test_error_percent']:.2f} |" in printed
     assert saved["models"][0]["agreement_with_teacher"] == 1.0
-    assert [row["paper_test_errors"] for row in saved["models"]] == [67, 146, 74]
+    assert [row["paper_test_errors"] for row in saved["models"]] == [67, None, None]  # no-3s students: see below
     assert [row["hidden_sizes"] for row in saved["models"]] == [[64, 64], [16], [16]]
     assert "| teacher | 2×64 |" in printed and "| distilled | 1×16 |" in printed
 
@@ -224,6 +224,7 @@ def test_example_end_to_end_on_a_few_hundred_mnist_rows(tmp_path, capsys):
     plain = example.main(argv)
     assert not results["teacher_reused"] and plain["teacher_reused"]
     assert "omit_digit" not in plain and (tmp_path / "results.json").exists() and (tmp_path / "results.png").exists()
+    assert [row["paper_test_errors"] for row in plain["models"]] == [67, 146, 74]
     assert plain["models"][0]["test_errors"] == saved["models"][0]["test_errors"]
     assert plain["models"][0]["learning_curve"] == saved["models"][0]["learning_curve"]
     assert (tmp_path / "distilled" / "config.json").exists()
