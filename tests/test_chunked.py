@@ -101,6 +101,22 @@ def test_vocabulary_slice_with_strided_rows():
     assert grad[..., 30:].abs().max() == 0
 
 
+def test_four_dim_non_flattening_view():
+    """Leading dims that merge neither way (a transposed, shifted view) are taken one index of the first dim at a time."""
+    g = torch.Generator().manual_seed(8)
+    full_student = torch.randn(3, 2, 6, 11, generator=g).requires_grad_()
+    teacher = torch.randn(2, 3, 5, 11, generator=g)
+    mask = torch.rand(2, 3, 5, generator=g) < 0.6
+    kwargs = dict(temperature=4.0, loss_type="jsd", jsd_beta=JSD_BETA)
+    student = full_student.transpose(0, 1)[:, :, :-1]
+    expected = naive_loss(student, teacher, mask, **kwargs)
+    (expected_grad,) = torch.autograd.grad(UPSTREAM * expected, full_student)
+    loss = chunked_distillation_loss(student, teacher, mask, chunk_size=4, **kwargs)
+    (grad,) = torch.autograd.grad(UPSTREAM * loss, full_student)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    assert_close_relative(grad, expected_grad, rtol=1e-5)
+
+
 def test_plain_rows_and_all_masked():
     g = torch.Generator().manual_seed(2)
     student = torch.randn(10, 13, generator=g).requires_grad_()
