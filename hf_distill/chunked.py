@@ -1,9 +1,9 @@
 """Token-level distillation at bounded memory: the KD loss computed over chunks of positions.
 
 For a causal LM the KD term compares ``[N, V]`` logits of teacher and student (``N`` counted tokens, ``V`` the
-vocabulary). :func:`hf_distill.losses.distillation_divergence` upcasts both to float32, takes both log-softmaxes and lets
-autograd keep them (and their elementwise products) for the backward: about five float32 ``[N, V]`` tensors at once on
-top of the logits themselves (≈ 5 GiB at N = 8192, V = 32000). :func:`chunked_distillation_loss` computes the same sum
+vocabulary). :func:`hf_distill.losses.distillation_divergence` upcasts both to float32, takes both log-softmaxes and
+lets autograd keep them (and their elementwise products) for the backward: about five float32 ``[N, V]`` tensors at
+once on top of the logits themselves (≈ 5 GiB at N = 8192, V = 32000). :func:`chunked_distillation_loss` computes the same sum
 
     Σ_{counted n} T² · D(q_n ‖ p_n)        (``p = softmax(z / T)`` student, ``q = softmax(v / T)`` teacher)
 
@@ -168,7 +168,8 @@ def _as_sequences(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
             return [tuple(tensor.view(shape) for tensor in tensors)]
         except RuntimeError:
             pass
-    return [group for sub_tensors in zip(*(tensor.unbind(0) for tensor in tensors)) for group in _as_sequences(*sub_tensors)]
+    per_index = zip(*(tensor.unbind(0) for tensor in tensors))
+    return [group for sub_tensors in per_index for group in _as_sequences(*sub_tensors)]
 
 
 def _chunks(num_sequences: int, num_rows: int, chunk_size: int):
@@ -267,7 +268,8 @@ def chunked_distillation_loss(
         teacher_logits: ``[..., V]`` teacher logits, same shape; treated as constants (no gradient flows to them).
         mask: ``[...]`` bool, the positions that count.
         temperature: ``T > 0``.
-        loss_type: ``"kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"mse"`` (see :func:`hf_distill.losses.distillation_divergence`).
+        loss_type: ``"kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"mse"`` (see
+            :func:`hf_distill.losses.distillation_divergence`).
         jsd_beta: ``β`` of ``"jsd"``.
         chunk_size: counted positions per chunk; default :func:`default_chunk_size` (≈ 4M elements per work tensor).
 
@@ -281,7 +283,9 @@ def chunked_distillation_loss(
             " the same shape."
         )
     if mask.shape != student_logits.shape[:-1]:
-        raise ValueError(f"mask {tuple(mask.shape)} must have the logits' leading shape {tuple(student_logits.shape[:-1])}.")
+        raise ValueError(
+            f"mask {tuple(mask.shape)} must have the logits' leading shape {tuple(student_logits.shape[:-1])}."
+        )
     if loss_type not in DISTILLATION_LOSSES:
         raise ValueError(f"Unknown distillation loss {loss_type!r}; choose one of {DISTILLATION_LOSSES}.")
     if teacher_logits.requires_grad:
