@@ -58,7 +58,8 @@ def measure(method: str, num_tokens: int, vocab_size: int, loss_type: str, tempe
     def forward_backward():
         student.grad = None
         if method == "naive":
-            per_position = losses.distillation_divergence(student, teacher, temperature=temperature, loss_type=loss_type)
+            per_position = losses.distillation_divergence(student, teacher, temperature=temperature,
+                                                          loss_type=loss_type)
             loss = losses.masked_sum(per_position, mask)
         else:
             loss = chunked_distillation_loss(student, teacher, mask, temperature=temperature, loss_type=loss_type)
@@ -112,7 +113,8 @@ def main() -> None:
         f"({platform.processor() or platform.machine()}, torch threads = default). Memory: RSS high-water deltas in a "
         "fresh process per row.",
         "",
-        "| N × V | method | loss peak (GiB) | with inputs (GiB) | chunked / naive peak | time / pass (s) | chunked / naive time | loss |",
+        "| N × V | method | loss peak (GiB) | with inputs (GiB) | chunked / naive peak | time / pass (s) "
+        "| chunked / naive time | loss |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     by_shape = {}
