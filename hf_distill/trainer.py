@@ -91,7 +91,7 @@ class EnsembleTeacher(nn.Module):
 class _DistillationStats:
     """Device-side running sums behind `loss_kd`, `loss_ce` and `teacher_agreement`; read (one sync) when logged."""
 
-    _FIELDS = ("kd_sum", "kd_count", "ce_sum", "ce_count", "agree")
+    _FIELDS = ("kd_sum", "kd_count", "ce_sum", "ce_count", "agree", "agree_count")
 
     def __init__(self):
         self.totals: torch.Tensor | None = None
@@ -113,11 +113,12 @@ class _DistillationStats:
             totals = accelerator.reduce(totals, reduction="sum")
         if totals is None:
             return {}
-        kd_sum, kd_count, ce_sum, ce_count, agree = totals.tolist()
+        kd_sum, kd_count, ce_sum, ce_count, agree, agree_count = totals.tolist()
         metrics = {}
         if kd_count > 0:
             metrics[f"{prefix}loss_kd"] = kd_sum / kd_count
-            metrics[f"{prefix}teacher_agreement"] = agree / kd_count
+        if agree_count > 0:
+            metrics[f"{prefix}teacher_agreement"] = agree / agree_count
         if ce_count > 0:
             metrics[f"{prefix}loss_ce"] = ce_sum / ce_count
         return metrics
@@ -359,13 +360,16 @@ class DistillationTrainer(Trainer):
             for key, value in inputs.items()
             if (key != "labels" or keep_labels) and (self._teacher_arguments is None or key in self._teacher_arguments)
         }
+        if self._teacher_arguments is not None and "use_cache" in self._teacher_arguments:
+            teacher_inputs["use_cache"] = False  # a KV cache is of no use to a single forward pass
         # The student runs under accelerate's autocast (its forward is wrapped at `prepare`); the teacher is never
         # prepared, so it gets the same autocast explicitly.
         with torch.no_grad(), self.accelerator.autocast():
             return logits_of(self.teacher_model(**teacher_inputs))
 
     def _aligned_logits(self, student_logits, inputs, cached, mask, temperature):
-        """Student and teacher logits ``[..., V']`` over the same positions, the mask over them, and both argmaxes.
+        """Student and teacher logits ``[..., V']`` over the same positions, the mask over them, and two callables
+        giving the student's and the teacher's argmax (computed only when agreement is reported).
 
         Online: the full ``[B, (L,) V]`` tensors (causal LMs shifted). Cached token-level outputs hold counted
         positions only, so the student's are selected to match: ``[N, V]`` with an all-true mask. Cached top-k: the
@@ -396,8 +400,9 @@ class DistillationTrainer(Trainer):
                     raise ValueError(f"Cached top-k teacher outputs {tuple(top_k_ids.shape)} do not match the batch's "
                                      f"positions {tuple(student_logits.shape[:-1])}.")
                 # Agreement uses the student's full argmax; the ids are sorted, so the teacher's is the first.
-                student_argmax = student_logits.detach().argmax(-1)
-                return student_logits.gather(-1, top_k_ids), teacher_logits, mask, student_argmax, top_k_ids[..., 0]
+                full_student_logits = student_logits.detach()
+                return (student_logits.gather(-1, top_k_ids), teacher_logits, mask,
+                        lambda: full_student_logits.argmax(-1), lambda: top_k_ids[..., 0])
         if student_logits.shape != teacher_logits.shape:
             raise ValueError(
                 f"Teacher and student outputs differ: teacher logits {tuple(teacher_logits.shape)}, student logits "
@@ -409,7 +414,8 @@ class DistillationTrainer(Trainer):
                 f"Labels of shape {tuple(mask.shape)} do not match logits of shape {tuple(student_logits.shape)} (one "
                 "label per position expected; -100 marks positions to ignore)."
             )
-        return student_logits, teacher_logits, mask, student_logits.detach().argmax(-1), teacher_logits.argmax(-1)
+        return (student_logits, teacher_logits, mask, lambda: student_logits.detach().argmax(-1),
+                lambda: teacher_logits.argmax(-1))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``alpha · KD + (1 − alpha) · label loss``, normalised by the counted positions of the optimizer step.
@@ -430,24 +436,28 @@ class DistillationTrainer(Trainer):
             )
 
         student_inputs = dict(inputs)
-        external_label_loss = self.label_smoother is not None or self.compute_loss_func is not None
-        if external_label_loss or (self._student_arguments is not None and "labels" not in self._student_arguments):
+        # The student computes its own label loss only when that loss is used (at alpha = 1 it would be a wasted
+        # cross-entropy over the whole vocabulary), and only if it takes labels at all.
+        own_label_loss = alpha < 1.0 and self.label_smoother is None and self.compute_loss_func is None
+        if not own_label_loss or (self._student_arguments is not None and "labels" not in self._student_arguments):
             student_inputs.pop("labels", None)
         outputs = model(**student_inputs)
         student_logits = logits_of(outputs)
 
         training = model.training
         count = mask.sum()
-        stats = {"kd_sum": 0.0, "kd_count": 0.0, "ce_sum": 0.0, "ce_count": 0.0, "agree": 0.0}
+        stats = {}
         # alpha = 0 trains on labels alone (no teacher pass); evaluation still reports the KD metrics.
         if alpha > 0 or not training:
             kd_student, kd_teacher, kd_mask, student_argmax, teacher_argmax = self._aligned_logits(
                 student_logits, inputs, cached, mask, temperature
             )
             kd_sum = self._kd_sum(kd_student, kd_teacher, kd_mask, temperature)
-            self._teacher_nonfinite |= ~torch.isfinite(kd_teacher).all()
-            agree = (student_argmax.eq(teacher_argmax) & kd_mask).sum()
-            stats.update(kd_sum=kd_sum, kd_count=count, agree=agree)
+            # One float32 reduction instead of an elementwise `isfinite` (NaN/inf anywhere make the sum non-finite).
+            self._teacher_nonfinite |= ~torch.isfinite(kd_teacher.sum(dtype=torch.float32))
+            stats.update(kd_sum=kd_sum, kd_count=count)
+            if not training:  # two argmaxes over [..., V]: an evaluation metric, not paid on every training step
+                stats.update(agree=(student_argmax().eq(teacher_argmax()) & kd_mask).sum(), agree_count=count)
         if alpha < 1.0:
             label_mean = self._label_loss(outputs, student_logits, labels)
             label_sum = label_mean * count  # the student's loss is a mean over exactly these positions
