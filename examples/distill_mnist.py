@@ -406,7 +406,11 @@ def plot_results(results: dict, path: Path) -> None:
     models = results["models"]
     figure, (bars_axis, curves_axis) = plt.subplots(1, 2, figsize=(13, 5))
     names = [f"{row['name']}\n{hidden_sizes_label(row['hidden_sizes'])}" for row in models]
-    bars = bars_axis.bar(names, [row["test_errors"] for row in models], color=["#4c72b0", "#dd8452", "#55a868"])
+    heights = [row["test_errors"] for row in models]
+    if results.get("omit_digit"):
+        names.append(f"distilled\n+ bias {results['omit_digit']['bias']:+.2f}")
+        heights.append(results["omit_digit"]["corrected_errors"])
+    bars = bars_axis.bar(names, heights, color=["#4c72b0", "#dd8452", "#55a868", "#8fbf99"][: len(heights)])
     bars_axis.bar_label(bars, padding=2)
     paper_positions = [i for i, row in enumerate(models) if row["paper_test_errors"]]
     paper_errors = [models[i]["paper_test_errors"] for i in paper_positions]
@@ -422,7 +426,7 @@ def plot_results(results: dict, path: Path) -> None:
             label="paper (Hinton et al. 2015, 2×1200 / 2×800)",
         )
         bars_axis.legend(loc="upper right", markerscale=0.3, fontsize="small")
-    bars_axis.set_ylim(0, 1.25 * max([row["test_errors"] for row in models] + paper_errors))
+    bars_axis.set_ylim(0, 1.25 * max(heights + paper_errors))
     bars_axis.set_ylabel(f"test errors (out of {results['test_size']:,})")
     bars_axis.set_title("Test errors" + (" (black marks: the paper's)" if paper_positions else ""))
     for row in models:
