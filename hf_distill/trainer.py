@@ -435,20 +435,24 @@ class DistillationTrainer(Trainer):
                 "alpha=1.0 to train on the teacher's soft targets alone."
             )
 
+        training = model.training
+        # alpha = 0 trains on labels alone (no teacher pass). Evaluation reports both terms whatever alpha; a trainer
+        # that has only cached teacher outputs evaluates/predicts on other data without the KD term.
+        use_kd = (alpha > 0 or not training) and (training or bool(cached) or self.teacher_model is not None)
+        need_label = labels is not None and (alpha < 1.0 or not training or not use_kd)
+
         student_inputs = dict(inputs)
-        # The student computes its own label loss only when that loss is used (at alpha = 1 it would be a wasted
-        # cross-entropy over the whole vocabulary), and only if it takes labels at all.
-        own_label_loss = alpha < 1.0 and self.label_smoother is None and self.compute_loss_func is None
+        # The student computes its own label loss only when that loss is used (at alpha = 1 in training it would be a
+        # wasted cross-entropy over the whole vocabulary), and only if it takes labels at all.
+        own_label_loss = need_label and self.label_smoother is None and self.compute_loss_func is None
         if not own_label_loss or (self._student_arguments is not None and "labels" not in self._student_arguments):
             student_inputs.pop("labels", None)
         outputs = model(**student_inputs)
         student_logits = logits_of(outputs)
 
-        training = model.training
         count = mask.sum()
         stats = {}
-        # alpha = 0 trains on labels alone (no teacher pass); evaluation still reports the KD metrics.
-        if alpha > 0 or not training:
+        if use_kd:
             kd_student, kd_teacher, kd_mask, student_argmax, teacher_argmax = self._aligned_logits(
                 student_logits, inputs, cached, mask, temperature
             )
@@ -458,15 +462,16 @@ class DistillationTrainer(Trainer):
             stats.update(kd_sum=kd_sum, kd_count=count)
             if not training:  # two argmaxes over [..., V]: an evaluation metric, not paid on every training step
                 stats.update(agree=(student_argmax().eq(teacher_argmax()) & kd_mask).sum(), agree_count=count)
-        if alpha < 1.0:
+        if need_label:
             label_mean = self._label_loss(outputs, student_logits, labels)
             label_sum = label_mean * count  # the student's loss is a mean over exactly these positions
             stats.update(ce_sum=label_sum, ce_count=count)
         (self._train_stats if training else self._eval_stats).add(count.device, **stats)
 
-        if alpha == 0.0:
-            # Bit-identical to Trainer: the student's own loss, times a scale that is exactly 1 without accumulation.
-            loss = label_mean
+        if not use_kd:
+            # alpha = 0: bit-identical to Trainer, the student's own loss (times a scale that is exactly 1 without
+            # accumulation). Evaluation without a teacher: the label loss alone.
+            loss = label_mean if need_label else student_logits.new_zeros(())
         elif alpha == 1.0:
             loss = kd_sum / count.clamp(min=1)
         else:

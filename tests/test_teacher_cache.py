@@ -45,6 +45,12 @@ def test_cached_float32_logits_train_like_the_online_teacher(tmp_path, task):
     online_metrics, offline_metrics = online.evaluate(dataset), offline.evaluate(cached)
     for key in ("eval_loss", "eval_loss_kd", "eval_teacher_agreement"):
         assert offline_metrics[key] == pytest.approx(online_metrics[key], rel=1e-5), key
+    # Without a teacher, data that carries no cache is still evaluated and predicted: the label loss alone.
+    plain_metrics = offline.evaluate(dataset)
+    assert "eval_loss_kd" not in plain_metrics
+    assert plain_metrics["eval_loss_ce"] == pytest.approx(offline_metrics["eval_loss_ce"], rel=1e-5)
+    assert plain_metrics["eval_loss"] != pytest.approx(offline_metrics["eval_loss"], rel=1e-3)  # no KD term in it
+    assert offline.predict(dataset).predictions is not None
 
 
 def test_cache_survives_save_to_disk_and_shuffling(tmp_path):
