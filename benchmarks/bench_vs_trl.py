@@ -18,10 +18,14 @@ when Trainer checks), so GKD divides by the *unshifted* count ``(labels != -100)
 than it sums over. hf-distill divides by the shifted count. The script records both counts per step and compares
 ``gkd_loss · unshifted_count / shifted_count`` with hf-distill's loss (the mean KL per counted token).
 
-Each trainer run is a fresh subprocess (runs alternate: TRL, hf-distill, hf-distill, TRL, … for ``--rounds``), so peak
+Speed, load-robust: both trainers in one process, alternating optimizer step by optimizer step on the same batches
+(``--interleaved_steps``; see `interleaved_steps`), median of the per-step time ratios. Memory and whole `train()` runs:
+each trainer run is a fresh subprocess (runs alternate: TRL, hf-distill, hf-distill, TRL, … for ``--rounds``), so peak
 RSS (``ru_maxrss``) is per run and neither inherits the other's allocator state. Time per step is measured from
-`on_step_begin` to `on_step_end` (forward, backward, optimizer step), median over the steps after ``--warmup_steps``.
-The per-step losses are recorded in `compute_loss` (before Trainer rounds them for logging).
+`on_step_begin` to `on_step_end` (forward, backward, optimizer step), median over the steps after ``--warmup_steps``,
+then median over rounds. On a shared machine wall time swings with other jobs (a run here took 1.1 s/step and the next
+3.1 s/step on the same code), so the process's CPU time per step (all threads, `time.process_time`) is reported too: it
+counts the work done rather than the time waited for a core. The per-step losses are recorded in `compute_loss` (before Trainer rounds them for logging).
 
 TRL is a benchmark-only dependency: ``pip install -e .[bench]``. Writes ``benchmarks/results/vs_trl.json``.
 
@@ -53,7 +57,7 @@ class Setup:
     vocab_size: int = 8192
     sequence_length: int = 128
     batch_size: int = 8
-    steps: int = 12
+    steps: int = 10
     warmup_steps: int = 2
     learning_rate: float = 1e-3
     teacher_layers: int = 4
@@ -166,14 +170,17 @@ def run_one(name: str, setup: Setup, profile: bool = False) -> dict:
     teacher, student, dataset = build_models_and_data(setup)
 
     class StepTimer(TrainerCallback):
+        """Wall time and this process's CPU time (all threads) of each optimizer step."""
+
         def __init__(self):
-            self.seconds = []
+            self.seconds, self.cpu_seconds = [], []
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self._start)
+            self.cpu_seconds.append(time.process_time() - self._cpu_start)
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as output_dir:
@@ -188,12 +195,61 @@ def run_one(name: str, setup: Setup, profile: bool = False) -> dict:
     step_seconds = timer.seconds[setup.warmup_steps:]
     return {
         "trainer": name, "median_step_seconds": statistics.median(step_seconds), "step_seconds": timer.seconds,
+        "median_step_cpu_seconds": statistics.median(timer.cpu_seconds[setup.warmup_steps:]),
+        "step_cpu_seconds": timer.cpu_seconds,
         "peak_rss_bytes": _max_rss_bytes(), "train_peak_rss_delta_bytes": _max_rss_bytes() - rss_before_train,
         "rss_before_train_bytes": rss_before_train, "rss_at_start_bytes": rss_start,
         # Set once `DistillationTrainer` can use `chunked_distillation_loss` (a `kd_chunk_size` argument).
         "kd_chunk_size": getattr(trainer.args, "kd_chunk_size", None) if name == "hf_distill" else None,
         "reported_losses": trainer.recorded_losses, "per_token_losses": trainer.per_token_losses,
     }
+
+
+def interleaved_steps(setup: Setup) -> dict:
+    """Both trainers in one process, stepping alternately on the same batches: the load-robust speed comparison.
+
+    Other jobs on a shared machine change the speed of the whole machine from one minute to the next, which separate
+    runs cannot cancel. Here each optimizer step of one trainer is followed by the same step of the other (who goes
+    first alternates), so both see the same load, and the per-step ratio is taken. A step is what `Trainer.train` runs
+    per optimizer step, called directly: its own `get_batch_samples` count, `training_step` (forward, loss, backward),
+    gradient clipping, `optimizer.step`, `lr_scheduler.step`, `zero_grad`; the loop around it is the same for both.
+    """
+    import copy
+
+    import torch
+    from transformers import default_data_collator
+
+    teacher, student, dataset = build_models_and_data(setup)
+    trainers = {}
+    with tempfile.TemporaryDirectory() as output_dir:
+        for name in TRAINERS:
+            trainers[name] = build_trainer(name, setup, copy.deepcopy(teacher), copy.deepcopy(student), dataset,
+                                           os.path.join(output_dir, name), [])
+            trainers[name].create_optimizer_and_scheduler(num_training_steps=setup.steps)
+    batches = [default_data_collator([dataset[row] for row in range(step * setup.batch_size,
+                                                                     (step + 1) * setup.batch_size)])
+               for step in range(setup.steps)]
+
+    def optimizer_step(trainer, batch) -> float:
+        start = time.perf_counter()
+        batch_samples, num_items_in_batch = trainer.get_batch_samples(iter([batch]), 1, trainer.args.device)
+        trainer.training_step(trainer.model, batch_samples[0], num_items_in_batch)
+        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.args.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        trainer.model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    seconds = {name: [] for name in TRAINERS}
+    for step, batch in enumerate(batches):
+        for name in TRAINERS if step % 2 == 0 else TRAINERS[::-1]:
+            seconds[name].append(optimizer_step(trainers[name], batch))
+    counted = slice(setup.warmup_steps, None)
+    ratios = [trl / ours for trl, ours in zip(seconds["trl"][counted], seconds["hf_distill"][counted])]
+    return {"step_seconds": seconds, "median_step_seconds": {name: statistics.median(values[counted])
+                                                              for name, values in seconds.items()},
+            "speedup_per_step": ratios, "median_speedup": statistics.median(ratios),
+            "per_token_losses": {name: trainer.per_token_losses for name, trainer in trainers.items()}}
 
 
 def time_loss_components(setup: Setup, repeats: int = 9) -> dict[str, dict[str, float]]:
@@ -275,10 +331,12 @@ def time_loss_components(setup: Setup, repeats: int = 9) -> dict[str, dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2, help="rounds of one run per trainer, order alternating")
+    parser.add_argument("--interleaved_steps", type=int, default=24,
+                        help="steps of the one-process, step-alternating speed comparison (0 to skip)")
     for field in dataclasses.fields(Setup):
         parser.add_argument(f"--{field.name}", type=field.type if callable(field.type) else eval(field.type),
                             default=field.default)
-    parser.add_argument("--child", choices=(*TRAINERS, "breakdown"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=(*TRAINERS, "breakdown", "interleaved"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", choices=TRAINERS, help="profile one run of this trainer instead")
     parser.add_argument("--skip_breakdown", action="store_true", help="skip timing the KD path's pieces")
     args = parser.parse_args()
@@ -287,6 +345,9 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+    if args.child == "interleaved":
+        print(json.dumps(interleaved_steps(setup)))
+        return
     if args.child == "breakdown":
         print(json.dumps(time_loss_components(setup)))
         return
@@ -306,6 +367,14 @@ def main() -> None:
                 sys.exit(f"{name} run failed:\n{completed.stderr[-5000:]}")
             runs.append(json.loads(completed.stdout.strip().splitlines()[-1]))
             print(f"round {round_index}: {name} {runs[-1]['median_step_seconds']:.3f} s/step", file=sys.stderr)
+    interleaved = {}
+    if args.interleaved_steps:
+        interleaved_flags = [flag for flag in setup_flags if not flag.startswith("--steps=")]
+        completed = subprocess.run([sys.executable, __file__, "--child", "interleaved", *interleaved_flags,
+                                    f"--steps={args.interleaved_steps}"], capture_output=True, text=True)
+        if completed.returncode != 0:
+            sys.exit(f"interleaved run failed:\n{completed.stderr[-5000:]}")
+        interleaved = json.loads(completed.stdout.strip().splitlines()[-1])
     total_seconds = time.perf_counter() - started
 
     summary = {}
@@ -313,6 +382,8 @@ def main() -> None:
         mine = [run for run in runs if run["trainer"] == name]
         summary[name] = {
             "median_step_seconds": statistics.median(run["median_step_seconds"] for run in mine),
+            "min_step_seconds": min(run["median_step_seconds"] for run in mine),
+            "median_step_cpu_seconds": statistics.median(run["median_step_cpu_seconds"] for run in mine),
             "peak_rss_bytes": statistics.median(run["peak_rss_bytes"] for run in mine),
             "train_peak_rss_delta_bytes": statistics.median(run["train_peak_rss_delta_bytes"] for run in mine),
             "reported_losses": mine[0]["reported_losses"],
@@ -322,6 +393,7 @@ def main() -> None:
     relative_differences = [abs(a - b) / abs(a) for a, b in zip(trl_losses, ours_losses)]
     reported_first_step_difference = abs(summary["trl"]["reported_losses"][0] - ours_losses[0]) / ours_losses[0]
     speedup = summary["trl"]["median_step_seconds"] / summary["hf_distill"]["median_step_seconds"]
+    cpu_speedup = summary["trl"]["median_step_cpu_seconds"] / summary["hf_distill"]["median_step_cpu_seconds"]
     memory_ratio = summary["hf_distill"]["peak_rss_bytes"] / summary["trl"]["peak_rss_bytes"]
 
     mib = 2**20
@@ -334,23 +406,34 @@ def main() -> None:
         f"forward KL, T = 1, float32, CPU; {args.rounds} alternating rounds, medians over rounds; whole run "
         f"{total_seconds:.0f} s.",
         "",
-        "| trainer | time / step (s) | peak RSS (MiB) | RSS growth during train() (MiB) | step-1 loss as reported |"
-        " step-1 loss per counted token |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| trainer | time / step (s), median | fastest run | CPU time / step (s) | peak RSS (MiB) | RSS growth in train()"
+        " (MiB) | step-1 loss as reported | step-1 loss per counted token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, label in (("trl", "TRL GKDTrainer (lmbda=0, beta=0)"), ("hf_distill", "hf-distill DistillationTrainer")):
         row = summary[name]
-        lines.append(f"| {label} | {row['median_step_seconds']:.3f} | {row['peak_rss_bytes'] / mib:.0f} | "
+        lines.append(f"| {label} | {row['median_step_seconds']:.3f} | {row['min_step_seconds']:.3f} | "
+                     f"{row['median_step_cpu_seconds']:.3f} | {row['peak_rss_bytes'] / mib:.0f} | "
                      f"{row['train_peak_rss_delta_bytes'] / mib:.0f} | {row['reported_losses'][0]:.7f} | "
                      f"{row['per_token_losses'][0]:.7f} |")
     lines += [
         "",
-        f"hf-distill speed-up over TRL: {speedup:.2f}× (target ≥ 1.2×); peak RSS hf-distill / TRL: {memory_ratio:.3f}.",
+        f"Separate runs: hf-distill speed-up over TRL {speedup:.2f}× in wall time, {cpu_speedup:.2f}× in CPU time; "
+        f"peak RSS hf-distill / TRL: {memory_ratio:.3f}.",
         f"Losses on the same normalisation (mean KL per counted token): step 1 (identical weights and batch) relative "
         f"difference {relative_differences[0]:.1e}; max over all {len(relative_differences)} steps "
         f"{max(relative_differences):.1e} (GKD's gradients carry its per-row-larger divisor, so later steps drift "
         f"slightly). As reported, step 1 differs by {reported_first_step_difference:.1e} (GKD's unshifted count).",
     ]
+    if interleaved:
+        step_times = interleaved["median_step_seconds"]
+        lines += [
+            "",
+            f"**Interleaved in one process** ({args.interleaved_steps} steps alternating between the trainers on the "
+            f"same batches, first {setup.warmup_steps} not counted): median step TRL {step_times['trl']:.3f} s, "
+            f"hf-distill {step_times['hf_distill']:.3f} s; median per-step speed-up of hf-distill over TRL "
+            f"**{interleaved['median_speedup']:.2f}×** (target ≥ 1.2×).",
+        ]
     breakdown = {}
     if not args.skip_breakdown:
         completed = subprocess.run([sys.executable, __file__, "--child", "breakdown", *setup_flags],
@@ -373,10 +456,11 @@ def main() -> None:
                "transformers": transformers.__version__, "trl": trl.__version__}
     (RESULTS_DIR / "vs_trl.json").write_text(json.dumps(
         {"machine": machine, "setup": dataclasses.asdict(setup), "rounds": args.rounds, "total_seconds": total_seconds,
-         "speedup": speedup, "peak_rss_ratio": memory_ratio,
+         "speedup": speedup, "cpu_time_speedup": cpu_speedup, "peak_rss_ratio": memory_ratio,
          "first_step_relative_loss_difference": relative_differences[0],
          "max_relative_loss_difference": max(relative_differences),
-         "summary": summary, "breakdown_seconds": breakdown, "runs": runs}, indent=2) + "\n")
+         "interleaved": interleaved, "summary": summary, "breakdown_seconds": breakdown, "runs": runs},
+        indent=2) + "\n")
 
 
 if __name__ == "__main__":

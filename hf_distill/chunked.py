@@ -175,6 +175,8 @@ def _as_sequences(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
 def _chunks(num_sequences: int, num_rows: int, chunk_size: int):
     """``(sequence slice, row slice)`` pairs of at most ``chunk_size`` rows: whole sequences when they fit, so a chunk
     spans several of them (fewer, larger kernel calls); otherwise pieces of one sequence."""
+    if num_sequences == 0 or num_rows == 0:
+        return
     if num_rows <= chunk_size:
         step = chunk_size // num_rows
         for start in range(0, num_sequences, step):
@@ -271,11 +273,15 @@ def chunked_distillation_loss(
         loss_type: ``"kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"mse"`` (see
             :func:`hf_distill.losses.distillation_divergence`).
         jsd_beta: ``β`` of ``"jsd"``.
-        chunk_size: counted positions per chunk; default :func:`default_chunk_size` (≈ 4M elements per work tensor).
+        chunk_size: positions per chunk; default :func:`default_chunk_size` (≈ 4M elements per work tensor). A chunk
+            holds whole sequences when they fit (several, when ``[B, L', V]`` rows do not flatten), else part of one;
+            chunks with no counted position are skipped, uncounted positions inside a chunk are computed and dropped
+            (as the naive loss computes every position).
 
     Returns:
         A float32 scalar, the *sum* over counted positions (the trainer divides by the step's counted positions).
-        Its backward may run once (the gradient buffer is scaled in place).
+        Its backward may run once (the gradient buffer is scaled in place). Written for CPU first: on a GPU each chunk's
+        mask test (`any`/`all`) reads back to the host, a small sync per chunk.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(

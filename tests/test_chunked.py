@@ -181,3 +181,12 @@ def test_invalid_arguments_raise():
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_distillation_loss(student, teacher.detach(), mask, temperature=1.0, chunk_size=0)
     assert default_chunk_size(32000) == 131 and default_chunk_size(10**9) == 1
+
+
+def test_empty_sequences():
+    """A batch of one-token sequences has nothing to predict after the causal shift."""
+    student = torch.randn(2, 1, 7, requires_grad=True)
+    loss = chunked_distillation_loss(student[:, :-1], torch.randn(2, 1, 7)[:, :-1], torch.ones(2, 0, dtype=torch.bool),
+                                     temperature=2.0)
+    loss.backward()
+    assert loss.item() == 0.0 and student.grad.abs().max() == 0
