@@ -27,10 +27,13 @@ then median over rounds. On a shared machine wall time swings with other jobs (a
 3.1 s/step on the same code), so the process's CPU time per step (all threads, `time.process_time`) is reported too: it
 counts the work done rather than the time waited for a core. The per-step losses are recorded in `compute_loss` (before Trainer rounds them for logging).
 
-TRL is a benchmark-only dependency: ``pip install -e .[bench]``. Writes ``benchmarks/results/vs_trl.json``.
+TRL is a benchmark-only dependency: ``pip install -e .[bench]``. Writes ``benchmarks/results/vs_trl.json``
+(``--results_name``).
 
     python benchmarks/bench_vs_trl.py
     python benchmarks/bench_vs_trl.py --profile hf_distill   # top ops of a few steps under torch.profiler
+    python benchmarks/bench_vs_trl.py --vocab_size 32000 --rounds 1 --interleaved_steps 12 --skip_breakdown \
+        --results_name vs_trl_v32000                         # logits large enough for the trainer to chunk the KD
 """
 
 from __future__ import annotations
@@ -339,6 +342,7 @@ def main() -> None:
     parser.add_argument("--child", choices=(*TRAINERS, "breakdown", "interleaved"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", choices=TRAINERS, help="profile one run of this trainer instead")
     parser.add_argument("--skip_breakdown", action="store_true", help="skip timing the KD path's pieces")
+    parser.add_argument("--results_name", default="vs_trl", help="writes benchmarks/results/<results_name>.json")
     args = parser.parse_args()
     setup = Setup(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Setup)})
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -454,7 +458,7 @@ def main() -> None:
     machine = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
                "python": platform.python_version(), "torch": torch.__version__,
                "transformers": transformers.__version__, "trl": trl.__version__}
-    (RESULTS_DIR / "vs_trl.json").write_text(json.dumps(
+    (RESULTS_DIR / f"{args.results_name}.json").write_text(json.dumps(
         {"machine": machine, "setup": dataclasses.asdict(setup), "rounds": args.rounds, "total_seconds": total_seconds,
          "speedup": speedup, "cpu_time_speedup": cpu_speedup, "peak_rss_ratio": memory_ratio,
          "first_step_relative_loss_difference": relative_differences[0],
