@@ -29,7 +29,9 @@ test: install
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_teacher_overhead.py
+	$(BIN)/python benchmarks/bench_kd_memory.py --repeats 2
+	$(BIN)/python benchmarks/bench_vs_trl.py
 
 clean:
 	rm -rf $(VENV) outputs tmp_trainer

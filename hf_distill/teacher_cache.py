@@ -174,7 +174,15 @@ def precompute_teacher_logits(
     if state.num_processes > 1:
         outputs = {name: gather_object(values) for name, values in outputs.items()}
 
-    columns = datasets.Dataset(pa.table({name: _rows_to_arrow(values) for name, values in outputs.items()}))
+    if token_level:
+        # Array2D with a variable first axis: read back as one ndarray per row, ~2x faster than nested lists.
+        features = datasets.Features({
+            name: datasets.Array2D(shape=(None, values[0].shape[-1]), dtype="int32" if name == TEACHER_TOPK_IDS else dtype)
+            for name, values in outputs.items()
+        })
+        columns = datasets.Dataset.from_dict(outputs, features=features)
+    else:
+        columns = datasets.Dataset(pa.table({name: _rows_to_arrow(values) for name, values in outputs.items()}))
     with_cache = datasets.concatenate_datasets([dataset, columns], axis=1)
     metadata = {
         "teachers": teacher_identity(teachers),
@@ -192,15 +200,10 @@ def precompute_teacher_logits(
 
 
 def _rows_to_arrow(rows: list[np.ndarray]) -> pa.ListArray:
-    """Rows of shape ``[W]`` or ``[n_i, W]`` as an Arrow (nested) list array, built from one flat buffer: far faster
-    than Python lists for vocabulary-sized rows."""
-    flat = np.concatenate([row.reshape(-1) for row in rows])
-    width = rows[0].shape[-1]
-    array = pa.ListArray.from_arrays(pa.array(np.arange(0, len(flat) + 1, width, dtype=np.int64)), pa.array(flat))
-    if rows[0].ndim == 2:
-        row_offsets = np.cumsum([0] + [len(row) for row in rows], dtype=np.int64)
-        array = pa.ListArray.from_arrays(pa.array(row_offsets), array)
-    return array
+    """Rows of shape ``[W]`` as an Arrow list array built from one flat buffer (no Python floats)."""
+    flat = np.concatenate(rows)
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, len(flat) + 1, rows[0].shape[-1], dtype=np.int64)),
+                                    pa.array(flat))
 
 
 class TeacherColumnsCollator:
