@@ -27,6 +27,7 @@ The test set is only reported: nothing (early stopping, temperature, the omitted
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +163,9 @@ class ExampleArguments:
         default=None, metadata={"help": "Use only the first N training images (default: the preset's train_size)."}
     )
     max_test_samples: int | None = field(default=None, metadata={"help": "Truncate the test set (for tests)."})
-    num_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: all cores)."})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "torch.set_num_threads (default: the cores divided among the processes)."}
+    )
     retrain_teacher: bool = field(default=False, metadata={"help": "Ignore a saved teacher with the same settings."})
 
 
@@ -454,8 +457,8 @@ def main(argv: list[str] | None = None) -> dict:
     training_args, example_args, preset = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars would bury the results
-    if example_args.num_threads:
-        torch.set_num_threads(example_args.num_threads)
+    # `accelerate launch` without a config sets OMP_NUM_THREADS=1; a single process should use every core it has.
+    torch.set_num_threads(example_args.num_threads or max(1, (os.cpu_count() or 1) // training_args.world_size))
     start_time = time.time()
 
     splits = load_digit_splits(example_args.data_dir, validation_size=example_args.validation_size, seed=0)
