@@ -7,17 +7,10 @@ it (the paper's §3 point). Measured once: teacher 122, labels-only 265, distill
 
 from __future__ import annotations
 
-import datasets
 import torch
 from transformers import Trainer, TrainingArguments
 
-from hf_distill import (
-    DistillationTrainer,
-    DistillationTrainingArguments,
-    MLPConfig,
-    MLPForImageClassification,
-    precompute_teacher_logits,
-)
+from hf_distill import DistillationTrainer, DistillationTrainingArguments, MLPConfig, MLPForImageClassification
 from hf_distill.mnist import ImageTensorDataset, load_mnist_idx
 
 TRAIN_ROWS, TEST_ROWS, EPOCHS = 2000, 2000, 40
@@ -89,17 +82,9 @@ def test_ensemble_of_teachers_trains_a_better_student_than_the_average_single_te
         Trainer(model=teacher, args=args, train_dataset=data["train"].with_jitter(1)).train()
         teachers.append(teacher)
 
-    # The transfer set is not augmented, so each teacher (and the ensemble) runs once: cached float32 logits train
-    # exactly like the online teacher (tests/test_teacher_cache.py) at a fraction of the cost.
-    transfer_set = datasets.Dataset.from_dict(
-        {"pixel_values": data["train"].pixel_values.numpy(), "labels": data["train"].labels.numpy()}
-    )
-
     def distilled_errors(teacher_model, name) -> int:
-        cached = precompute_teacher_logits(teacher_model, transfer_set, batch_size=500, dtype="float32",
-                                           temperature=8.0, device="cpu")
         trainer = DistillationTrainer(
-            model=make_student(), teacher_model=None, train_dataset=cached.with_format("torch"),
+            model=make_student(), teacher_model=teacher_model, train_dataset=data["train"],
             args=DistillationTrainingArguments(**training_args(tmp_path / name), temperature=8.0, alpha=0.9),
         )
         trainer.train()
