@@ -9,7 +9,8 @@ from .modeling_mlp import MaxNormCallback, MLPConfig, MLPForImageClassification
 from .hub import PushToHubError
 from .losses import ensemble_teacher_logits
 from .teacher_cache import precompute_teacher_logits
-from .trainer import DistillationTrainer, EnsembleTeacher
+from .models import EnsembleTeacher
+from .trainer import DistillationTrainer
 
 __all__ = [
     "DISTILLATION_LOSSES",

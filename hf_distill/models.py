@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_pt_utils import find_batch_size
 
+from . import losses
 from .losses import IGNORE_INDEX
 
 # Auto classes tried, in order, to load a teacher given as a path or Hub id with the student's task head.
@@ -159,3 +161,36 @@ def teacher_fingerprint(model: nn.Module) -> str:
 def model_name(model: nn.Module) -> str:
     """`name_or_path` of a transformers model, else its class name."""
     return getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
+
+
+class EnsembleTeacher(nn.Module):
+    """Several teachers as one: `forward` returns the ensemble's combined logits (`losses.ensemble_teacher_logits`).
+
+    `temperature` is set by the trainer before each use (an arithmetic mean of tempered distributions depends on it).
+    Each teacher receives the inputs its `forward` takes.
+    """
+
+    def __init__(self, teachers: Sequence[nn.Module], reduction: str = "mean_probs", weights=None,
+                 temperature: float = 1.0):
+        super().__init__()
+        losses.check_ensemble_settings(reduction, weights, len(teachers))
+        self.teachers = nn.ModuleList(teachers)
+        self.reduction, self.weights, self.temperature = reduction, weights, temperature
+        self._arguments = [accepted_arguments(t) for t in teachers]
+        if all(names is not None for names in self._arguments):
+            # Show the members' inputs as this module's signature, so column filtering (Trainer's
+            # `remove_unused_columns`, `accepted_arguments`) keeps exactly what some member takes.
+            names = sorted(set().union(*self._arguments))
+            forward = functools.partial(type(self).forward, self)
+            forward.__signature__ = inspect.Signature(
+                [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in names]
+            )
+            self.forward = forward  # per instance: ensembles of different members have different inputs
+
+    def forward(self, **inputs) -> torch.Tensor:
+        per_teacher = [
+            logits_of(teacher(**{k: v for k, v in inputs.items() if names is None or k in names}))
+            for teacher, names in zip(self.teachers, self._arguments)
+        ]
+        return losses.ensemble_teacher_logits(per_teacher, reduction=self.reduction, weights=self.weights,
+                                              temperature=self.temperature)

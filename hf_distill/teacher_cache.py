@@ -39,6 +39,7 @@ from transformers.utils import logging
 
 from . import losses
 from .models import (
+    EnsembleTeacher,
     accepted_arguments,
     counted_positions,
     is_token_level,
@@ -71,14 +72,6 @@ def read_cache_metadata(dataset: Any) -> dict | None:
         return json.loads(description).get(METADATA_KEY)
     except (json.JSONDecodeError, AttributeError):
         return None
-
-
-def combined_teacher_logits(teachers: Sequence[nn.Module], inputs: dict, *, reduction: str, weights, temperature):
-    """Logits of one teacher, or of an ensemble combined by `losses.ensemble_teacher_logits`."""
-    per_teacher = [logits_of(teacher(**inputs)) for teacher in teachers]
-    if len(per_teacher) == 1:
-        return per_teacher[0]
-    return losses.ensemble_teacher_logits(per_teacher, reduction=reduction, weights=weights, temperature=temperature)
 
 
 def _as_teachers(teacher, init_kwargs) -> list[nn.Module]:
@@ -136,12 +129,15 @@ def precompute_teacher_logits(
 
     state = PartialState()
     device = torch.device(device) if device is not None else state.device
-    for t in teachers:
-        t.eval().to(device)
     token_level, shift = is_token_level(teachers[0]), shifts_labels(teachers[0])
     main_input_name = getattr(teachers[0], "main_input_name", "input_ids")
+    # The same combination the trainer uses online (temperature only matters to an arithmetic mean).
+    teacher = teachers[0] if len(teachers) == 1 else EnsembleTeacher(
+        teachers, ensemble_reduction, teacher_weights, temperature if temperature is not None else 1.0
+    )
+    teacher.eval().to(device)
 
-    accepted = set.intersection(*[accepted_arguments(t) or set(dataset.column_names) for t in teachers])
+    accepted = accepted_arguments(teacher) or set(dataset.column_names)
     model_columns = [c for c in dataset.column_names if c in accepted or c == "labels"]
     rows = dataset.select_columns(model_columns)
     # Contiguous shards, so gathering the processes' lists in process order restores row order.
@@ -156,9 +152,7 @@ def precompute_teacher_logits(
     for batch in logging.tqdm(loader, desc="Teacher logits", disable=not state.is_local_main_process):
         batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         teacher_inputs = {k: v for k, v in batch.items() if k in accepted and k != "labels"}
-        logits = combined_teacher_logits(
-            teachers, teacher_inputs, reduction=ensemble_reduction, weights=teacher_weights, temperature=temperature
-        ).float()
+        logits = logits_of(teacher(**teacher_inputs)).float()
         mask = counted_positions(batch, token_level=token_level, shift=shift, main_input_name=main_input_name)
         if shift:
             logits = logits[..., :-1, :]

@@ -12,8 +12,6 @@ The trainer only wires; the math lives in `hf_distill.losses`. Hooks overridden,
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,6 +27,7 @@ from .chunked import chunked_distillation_loss
 from .hub import push_errors_explained
 from .model_card import write_distillation_model_card
 from .models import (
+    EnsembleTeacher,
     accepted_arguments,
     counted_positions,
     is_encoder_decoder,
@@ -53,39 +52,6 @@ logger = logging.get_logger(__name__)
 # Above this many elements in the token-level KD logits (e.g. 8 × 512 × 4096), `kd_chunk_size=None` chunks the loss:
 # the naive loss holds ~5 float32 copies of them for backward.
 CHUNKED_KD_THRESHOLD = 1 << 24
-
-
-class EnsembleTeacher(nn.Module):
-    """Several teachers as one: `forward` returns the ensemble's combined logits (`losses.ensemble_teacher_logits`).
-
-    `temperature` is set by the trainer before each use (an arithmetic mean of tempered distributions depends on it).
-    Each teacher receives the inputs its `forward` takes.
-    """
-
-    def __init__(self, teachers: Sequence[nn.Module], reduction: str = "mean_probs", weights=None,
-                 temperature: float = 1.0):
-        super().__init__()
-        losses.check_ensemble_settings(reduction, weights, len(teachers))
-        self.teachers = nn.ModuleList(teachers)
-        self.reduction, self.weights, self.temperature = reduction, weights, temperature
-        self._arguments = [accepted_arguments(t) for t in teachers]
-        if all(names is not None for names in self._arguments):
-            # Show the members' inputs as this module's signature, so column filtering (Trainer's
-            # `remove_unused_columns`, `accepted_arguments`) keeps exactly what some member takes.
-            names = sorted(set().union(*self._arguments))
-            forward = functools.partial(type(self).forward, self)
-            forward.__signature__ = inspect.Signature(
-                [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in names]
-            )
-            self.forward = forward  # per instance: ensembles of different members have different inputs
-
-    def forward(self, **inputs) -> torch.Tensor:
-        per_teacher = [
-            logits_of(teacher(**{k: v for k, v in inputs.items() if names is None or k in names}))
-            for teacher, names in zip(self.teachers, self._arguments)
-        ]
-        return losses.ensemble_teacher_logits(per_teacher, reduction=self.reduction, weights=self.weights,
-                                              temperature=self.temperature)
 
 
 class _DistillationStats:
