@@ -109,19 +109,6 @@ def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor | None) -> tu
     return logits[..., :-1, :], None if labels is None else labels[..., 1:]
 
 
-def position_mask(labels: torch.Tensor | None, attention_mask: torch.Tensor | None, logits_shape: torch.Size):
-    """Boolean ``[...]`` mask of the positions that count, for logits of shape ``[..., V]``.
-
-    A position counts when its label is not ``-100``; without labels, when ``attention_mask`` is 1; with neither, all
-    positions count.
-    """
-    if labels is not None:
-        return labels.ne(IGNORE_INDEX)
-    if attention_mask is not None:
-        return attention_mask.bool()
-    return torch.ones(logits_shape[:-1], dtype=torch.bool)
-
-
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``Σ values[mask]`` as a float32 scalar; ``values`` and ``mask`` share their shape ``[...]``.
 

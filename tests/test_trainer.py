@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    NUM_LABELS,
     TASKS,
     PlainLogitsTeacher,
     PlainMLP,
@@ -22,7 +21,6 @@ from conftest import (
 from test_losses import reference_divergence
 from transformers import (
     BertForSequenceClassification,
-    DataCollatorWithPadding,
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
     Trainer,
