@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine, set-up included:
 #   make demo   installs, then runs the main job (accelerate launch examples/distill_mnist.py)
 #   make test   installs, then runs the test suite (what CI's .ci/run calls)
-.PHONY: install demo test bench clean
+# For development: make lint (ruff check + format check), make test-fast (skips tests marked slow), make format.
+.PHONY: install demo test test-fast lint format bench clean
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,6 +27,17 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e ".[bench]"

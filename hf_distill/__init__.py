@@ -3,30 +3,30 @@
 __version__ = "0.1.0"
 
 from .arguments import DistillationTrainingArguments
-from .losses import DISTILLATION_LOSSES, distillation_divergence
-from .mnist import DigitSplits, ImageTensorDataset, jitter_images, load_digit_splits, read_idx
-from .modeling_mlp import MaxNormCallback, MLPConfig, MLPForImageClassification
+from .chunked import chunked_distillation_loss
+from .divergences import DISTILLATION_LOSSES, Divergence, get_distillation_loss, register_distillation_loss
 from .hub import PushToHubError
-from .losses import ensemble_teacher_logits
+from .losses import distillation_divergence, ensemble_teacher_logits
+from .modeling_mlp import MaxNormCallback, MLPConfig, MLPForImageClassification
 from .teacher_cache import precompute_teacher_logits
-from .models import EnsembleTeacher
+from .teachers import EnsembleTeacher, TeacherSignal
 from .trainer import DistillationTrainer
 
 __all__ = [
     "DISTILLATION_LOSSES",
-    "DigitSplits",
     "DistillationTrainer",
     "DistillationTrainingArguments",
+    "Divergence",
     "EnsembleTeacher",
-    "PushToHubError",
-    "ensemble_teacher_logits",
-    "precompute_teacher_logits",
-    "ImageTensorDataset",
     "MLPConfig",
     "MLPForImageClassification",
     "MaxNormCallback",
+    "PushToHubError",
+    "TeacherSignal",
+    "chunked_distillation_loss",
     "distillation_divergence",
-    "jitter_images",
-    "load_digit_splits",
-    "read_idx",
+    "ensemble_teacher_logits",
+    "get_distillation_loss",
+    "precompute_teacher_logits",
+    "register_distillation_loss",
 ]

@@ -8,7 +8,9 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .losses import DISTILLATION_LOSSES, ENSEMBLE_REDUCTIONS, SCHEDULES, check_ensemble_settings
+from .divergences import get_distillation_loss
+from .losses import ENSEMBLE_REDUCTIONS, SCHEDULES, check_ensemble_settings
+from .private_apis import TRAINING_ARGUMENTS_DICT_FIELDS
 
 
 @dataclass
@@ -30,7 +32,7 @@ class DistillationTrainingArguments(TrainingArguments):
     * ``jsd_beta=0.5`` — the symmetric Jensen–Shannon divergence, when ``distillation_loss="jsd"``.
     """
 
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+    _VALID_DICT_FIELDS = TRAINING_ARGUMENTS_DICT_FIELDS + ["teacher_model_init_kwargs"]  # see private_apis
 
     temperature: float = field(
         default=2.0,
@@ -47,8 +49,8 @@ class DistillationTrainingArguments(TrainingArguments):
         default="kl",
         metadata={
             "help": "Divergence between teacher and student: 'kl' (forward KL(teacher||student), Hinton's), "
-            "'reverse_kl', 'jsd' (generalized Jensen-Shannon, see jsd_beta) or 'mse' (logit matching).",
-            "choices": list(DISTILLATION_LOSSES),
+            "'reverse_kl', 'jsd' (generalized Jensen-Shannon, see jsd_beta), 'mse' (logit matching), or a name added "
+            "with `hf_distill.register_distillation_loss`. In Python also a named function (registered by its name).",
         },
     )
     jsd_beta: float = field(
@@ -122,10 +124,10 @@ class DistillationTrainingArguments(TrainingArguments):
                 raise ValueError(f"Unknown `{schedule}` {getattr(self, schedule)!r}; choose one of {list(SCHEDULES)}.")
             if getattr(self, schedule) != "constant" and getattr(self, end) is None:
                 raise ValueError(f"`{schedule}={getattr(self, schedule)!r}` needs `{end}`, the value to end at.")
-        if self.distillation_loss not in DISTILLATION_LOSSES:
-            raise ValueError(
-                f"Unknown `distillation_loss` {self.distillation_loss!r}; choose one of {list(DISTILLATION_LOSSES)}."
-            )
+        try:  # a function is registered under its name, so the arguments stay serialisable
+            self.distillation_loss = get_distillation_loss(self.distillation_loss).name
+        except ValueError as error:
+            raise ValueError(f"`distillation_loss`: {error}") from None
         if not (isinstance(self.jsd_beta, (int, float)) and 0.0 < self.jsd_beta < 1.0):
             raise ValueError(
                 f"`jsd_beta` must be strictly between 0 and 1, got {self.jsd_beta!r}; for the limits use "

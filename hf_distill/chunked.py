@@ -17,16 +17,10 @@ When the logits are views of larger tensors (the causal shift ``logits[..., :-1,
 still builds a zero-filled gradient of the whole ``[B, L, V]`` tensor and copies this one into it, as it does for the
 naive loss: one more ``[B, L, V]`` tensor in backward, outside this function's control.
 
-Gradients (``a = z / T``, ``b = v / T``, ``∂/∂z = (1 / T) ∂/∂a``; each line includes the ``T²`` factor):
-
-* ``"kl"``, ``T² Σ q (log q − log p)``:  ``∂/∂z = T (p − q)`` (Hinton et al.'s soft-target gradient times ``T²``).
-* ``"reverse_kl"``, ``T² Σ p (log p − log q)``: with ``r = log p − log q`` and ``D = Σ p r``,
-  ``∂D/∂a_j = Σ_i p_i (δ_ij − p_j) (r_i + 1) = p_j (r_j − D)``, so ``∂/∂z = T p (r − D)``.
-* ``"jsd"``, ``m = β q + (1 − β) p``, ``T² [β KL(q ‖ m) + (1 − β) KL(p ‖ m)]``: the sum equals
-  ``β Σ q log q + (1 − β) Σ p log p − Σ m log m``, whose derivative in ``p_i`` is ``(1 − β)(log p_i − log m_i)``;
-  through the softmax, ``∂/∂z = T (1 − β) p (log p − log m − KL(p ‖ m))``.
-* ``"mse"``, ``(1 / 2V) Σ (z̃ − ṽ)²`` with centred logits (no ``T`` involved): ``∂/∂z = (z̃ − ṽ) / V`` (centring is an
-  orthogonal projection, so it passes through unchanged).
+Each divergence's closed-form gradient lives with its value in :mod:`hf_distill.divergences` (one entry per
+divergence). A divergence registered without one is differentiated by autograd one chunk at a time: the same value and
+gradient, at the cost of autograd's intermediates for one chunk (a few float32 ``[chunk_size, V]`` tensors) and one
+extra pass over each chunk.
 
 The teacher logits are constants (the trainer computes them under ``no_grad``); positions outside ``mask`` contribute
 neither value nor gradient, and are never read, so a NaN/inf there (padding) stays out as with
@@ -43,11 +37,10 @@ contract of distilling any model's ``outputs.logits``; it would be a separate, c
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .losses import DISTILLATION_LOSSES, DistillationLossType, distillation_divergence, masked_sum
+from .divergences import Divergence, get_distillation_loss
+from .losses import DistillationLossType, distillation_divergence, masked_sum
 
 # About 4M float32 elements (16 MiB) per work tensor: small against an [N, V] buffer, large enough that the per-chunk
 # Python overhead is negligible next to the exp/log of a chunk.
@@ -59,96 +52,52 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, _DEFAULT_CHUNK_ELEMENTS // max(1, vocab_size))
 
 
-def _float32_scaled(logits: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
-    """``logits.float() / T`` (the naive loss's order of operations), written into ``out`` unless no copy is needed.
-
-    Strided rows (a chunk spanning several sequences of a causal-shifted view) are copied too: `log_softmax` would
-    otherwise make its own contiguous copy, allocated anew for every chunk.
-    """
-    if logits.dtype == torch.float32 and temperature != 1.0:
-        return torch.div(logits, temperature, out=out)
-    if logits.dtype == torch.float32 and logits.is_contiguous():
-        return logits
-    out.copy_(logits)
-    return out if temperature == 1.0 else out.div_(temperature)
-
-
 def divergence_and_student_gradient(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     *,
     temperature: float,
-    loss_type: DistillationLossType,
+    loss_type: DistillationLossType | Divergence,
     jsd_beta: float = 0.5,
     workspace: torch.Tensor | None = None,
     gradient_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``T² · D(q ‖ p)`` and its gradient with respect to the student logits, in closed form.
+    """Per-row ``T² · D(q ‖ p)`` and its gradient with respect to the student logits.
+
+    In closed form when the divergence has one (`Divergence.value_and_gradient`), else by autograd on these rows.
 
     Args:
         student_logits: ``[..., V]`` student logits, ``C`` rows in all (any float dtype; computed in float32; never
             modified).
         teacher_logits: ``[..., V]`` teacher logits, same shape.
         temperature, loss_type, jsd_beta: as in :func:`hf_distill.losses.distillation_divergence`.
-        workspace: optional float32 ``[4, ≥C, V]`` scratch space, reused across chunks. Every intermediate is written
-            into it, so a chunk allocates nothing ``[C, V]``-sized: freeing and re-allocating such tensors for every
-            chunk makes the allocator return them to the OS and fault them in again, which more than doubled the
-            time per element on CPU.
+        workspace: optional float32 ``[4, ≥C, V]`` scratch space, reused across chunks. Every intermediate of a closed
+            form is written into it, so a chunk allocates nothing ``[C, V]``-sized: freeing and re-allocating such
+            tensors for every chunk makes the allocator return them to the OS and fault them in again, which more than
+            doubled the time per element on CPU.
         gradient_out: optional float32 ``[..., V]`` tensor that receives the gradient (e.g. a slice of the caller's
             gradient buffer, sparing a copy).
 
     Returns:
         ``(values [...], gradient [..., V])``, both float32: ``values`` equals ``distillation_divergence(...)`` and
-        ``gradient`` (``gradient_out`` when given) is ``∂ values.sum() / ∂ student_logits`` (formulas in the module
-        docstring).
+        ``gradient`` (``gradient_out`` when given) is ``∂ values.sum() / ∂ student_logits``.
     """
+    divergence = get_distillation_loss(loss_type)
+    options = divergence.select_options({"jsd_beta": jsd_beta})
     shape, vocab_size = student_logits.shape, student_logits.shape[-1]
+    if gradient_out is None:
+        gradient_out = torch.empty(shape, dtype=torch.float32, device=student_logits.device)
+    if divergence.value_and_gradient is None:
+        with torch.enable_grad():
+            rows = student_logits.detach().float().requires_grad_(True)
+            values = divergence.value(rows, teacher_logits.float(), temperature, **options)
+            (gradient,) = torch.autograd.grad(values.sum(), rows)
+        return values.detach(), gradient_out.copy_(gradient)
     num_rows = student_logits.numel() // vocab_size
     if workspace is None:
         workspace = torch.empty(4, num_rows, vocab_size, dtype=torch.float32, device=student_logits.device)
-    scratch, student_log_probs, teacher_log_probs, product = (buffer[:num_rows].view(shape) for buffer in workspace)
-    if gradient_out is None:
-        gradient_out = torch.empty(shape, dtype=torch.float32, device=student_logits.device)
-
-    if loss_type == "mse":
-        difference = torch.sub(_float32_scaled(student_logits, 1.0, scratch),
-                               _float32_scaled(teacher_logits, 1.0, product), out=student_log_probs)
-        difference.sub_(difference.mean(dim=-1, keepdim=True))
-        values = 0.5 * torch.mul(difference, difference, out=product).mean(dim=-1)
-        return values, torch.div(difference, vocab_size, out=gradient_out)
-    if loss_type not in DISTILLATION_LOSSES:
-        raise ValueError(f"Unknown distillation loss {loss_type!r}; choose one of {DISTILLATION_LOSSES}.")
-
-    torch.log_softmax(_float32_scaled(student_logits, temperature, scratch), dim=-1, out=student_log_probs)
-    torch.log_softmax(_float32_scaled(teacher_logits, temperature, scratch), dim=-1, out=teacher_log_probs)
-    if loss_type == "kl":
-        teacher_probs = torch.exp(teacher_log_probs, out=scratch)
-        values = torch.sub(teacher_log_probs, student_log_probs, out=product).mul_(teacher_probs).sum(dim=-1)
-        gradient = torch.exp(student_log_probs, out=gradient_out).sub_(teacher_probs)  # p − q
-    elif loss_type == "reverse_kl":
-        student_probs = torch.exp(student_log_probs, out=scratch)
-        log_ratio = student_log_probs.sub_(teacher_log_probs)  # log p − log q
-        values = torch.mul(student_probs, log_ratio, out=product).sum(dim=-1)
-        gradient = torch.sub(log_ratio, values[..., None], out=gradient_out).mul_(student_probs)  # p (r − D)
-    else:  # "jsd"
-        # log m = logaddexp(log q + log β, log p + log(1 − β)), in `scratch`.
-        mixture_log_probs = torch.logaddexp(
-            torch.add(teacher_log_probs, math.log(jsd_beta), out=scratch),
-            torch.add(student_log_probs, math.log1p(-jsd_beta), out=product),
-            out=scratch,
-        )
-        teacher_term = torch.sub(teacher_log_probs, mixture_log_probs, out=product)
-        teacher_term = teacher_term.mul_(teacher_log_probs.exp_()).sum(dim=-1)  # KL(q ‖ m)
-        student_probs = torch.exp(student_log_probs, out=teacher_log_probs)  # log q is no longer needed
-        log_ratio = student_log_probs.sub_(mixture_log_probs)  # log p − log m
-        student_term = torch.mul(student_probs, log_ratio, out=product).sum(dim=-1)  # KL(p ‖ m)
-        values = jsd_beta * teacher_term + (1.0 - jsd_beta) * student_term
-        gradient = torch.sub(log_ratio, student_term[..., None], out=gradient_out).mul_(student_probs)
-        gradient.mul_(1.0 - jsd_beta)
-    # T² on the value; T² · (1/T) = T on the gradient.
-    if temperature != 1.0:
-        values, gradient = values * temperature**2, gradient.mul_(temperature)
-    return values, gradient
+    views = tuple(buffer[:num_rows].view(shape) for buffer in workspace)
+    return divergence.value_and_gradient(student_logits, teacher_logits, temperature, views, gradient_out, **options)
 
 
 def _as_sequences(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
@@ -270,8 +219,7 @@ def chunked_distillation_loss(
         teacher_logits: ``[..., V]`` teacher logits, same shape; treated as constants (no gradient flows to them).
         mask: ``[...]`` bool, the positions that count.
         temperature: ``T > 0``.
-        loss_type: ``"kl"``, ``"reverse_kl"``, ``"jsd"`` or ``"mse"`` (see
-            :func:`hf_distill.losses.distillation_divergence`).
+        loss_type: a registered divergence name (see :func:`hf_distill.losses.distillation_divergence`).
         jsd_beta: ``β`` of ``"jsd"``.
         chunk_size: positions per chunk; default :func:`default_chunk_size` (≈ 4M elements per work tensor). A chunk
             holds whole sequences when they fit (several, when ``[B, L', V]`` rows do not flatten), else part of one;
@@ -292,8 +240,7 @@ def chunked_distillation_loss(
         raise ValueError(
             f"mask {tuple(mask.shape)} must have the logits' leading shape {tuple(student_logits.shape[:-1])}."
         )
-    if loss_type not in DISTILLATION_LOSSES:
-        raise ValueError(f"Unknown distillation loss {loss_type!r}; choose one of {DISTILLATION_LOSSES}.")
+    get_distillation_loss(loss_type)  # an unknown name fails here, before any work
     if teacher_logits.requires_grad:
         raise ValueError(
             "chunked_distillation_loss treats the teacher logits as constants; detach them (or use "

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 from huggingface_hub import constants
 
+from .private_apis import save_model_without_push
+
 
 try:  # huggingface_hub >= 2 speaks HTTP through httpx2, 1.x through httpx
     from httpx2 import HTTPError as _HTTPError
@@ -59,7 +61,7 @@ def push_errors_explained(trainer) -> Iterator[None]:
         output_dir = trainer.args.output_dir
         repo_id = trainer.hub_model_id or trainer.args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
         if trainer.hub_model_id is None:
-            trainer.save_model(_internal_call=True)
+            save_model_without_push(trainer)
             trainer.create_model_card()
         raise PushToHubError(
             f"Pushing the student to the Hub repo '{repo_id}' at {constants.ENDPOINT} failed: "

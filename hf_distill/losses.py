@@ -6,7 +6,7 @@ Notation (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Net
 * ``T`` the temperature; ``p = softmax(z / T)`` the student's and ``q = softmax(v / T)`` the teacher's
   tempered distributions.
 
-Every divergence below is computed per *position* (a row of a classifier, a token of a token-level model) in
+Every divergence (registered in :mod:`hf_distill.divergences`) is computed per *position* (a row of a classifier, a token of a token-level model) in
 float32 with ``log_softmax``, whatever the dtype of the inputs, and returns ``T² · D(q ‖ p)`` — the T² factor keeps the
 gradient magnitude independent of ``T`` (the paper's §2). With that factor the gradient of the forward KL with respect
 to the student logits is exactly ``T · (p − q)``, i.e. ``T²`` times the paper's ``(1/T)(p_i − q_i)``.
@@ -18,23 +18,16 @@ of the whole (gradient-accumulated, all-process) batch, so the KD term is a mean
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-DistillationLossType = Literal["kl", "reverse_kl", "jsd", "mse"]
-DISTILLATION_LOSSES: tuple[str, ...] = ("kl", "reverse_kl", "jsd", "mse")
+from .divergences import DISTILLATION_LOSSES, Divergence, get_distillation_loss
+
+# Any registered name (see `hf_distill.divergences`); the four built-in ones are "kl", "reverse_kl", "jsd", "mse".
+DistillationLossType = str
 
 IGNORE_INDEX = -100
-
-
-def _kl_from_log_probs(log_target: torch.Tensor, log_input: torch.Tensor) -> torch.Tensor:
-    """``KL(target ‖ input) = Σ_i target_i (log target_i − log input_i)`` over the last axis, from log-probabilities.
-
-    Terms with ``target_i = 0`` contribute 0 (``exp(-inf) * finite`` is handled by ``F.kl_div``'s ``log_target``).
-    """
-    return F.kl_div(log_input, log_target, reduction="none", log_target=True).sum(-1)
 
 
 def distillation_divergence(
@@ -42,7 +35,7 @@ def distillation_divergence(
     teacher_logits: torch.Tensor,
     *,
     temperature: float,
-    loss_type: DistillationLossType = "kl",
+    loss_type: DistillationLossType | Divergence = "kl",
     jsd_beta: float = 0.5,
 ) -> torch.Tensor:
     """Per-position soft-target loss ``T² · D(q ‖ p)``.
@@ -51,53 +44,29 @@ def distillation_divergence(
         student_logits: ``[..., V]`` student logits ``z`` (any float dtype; upcast to float32).
         teacher_logits: ``[..., V]`` teacher logits ``v``, same shape.
         temperature: ``T > 0``.
-        loss_type:
+        loss_type: a registered divergence (`hf_distill.divergences`, where each is defined with its formula):
             * ``"kl"`` — forward ``KL(q ‖ p) = Σ q (log q − log p)``, Hinton's soft-target cross-entropy minus the
               teacher entropy (same gradient). ``∂/∂z = T (p − q)`` after the ``T²`` factor.
             * ``"reverse_kl"`` — ``KL(p ‖ q) = Σ p (log p − log q)``, mode seeking.
             * ``"jsd"`` — generalized Jensen–Shannon divergence with ``m = β q + (1 − β) p``:
               ``β KL(q ‖ m) + (1 − β) KL(p ‖ m)`` (TRL's GKD convention; ``β = jsd_beta`` in (0, 1), 0.5 is the
               symmetric JSD).
-            * ``"mse"`` — logit matching, the paper's high-temperature limit: ``(1 / 2V) Σ_i (z̃_i − ṽ_i)²`` where
-              ``z̃, ṽ`` are the logits centred to zero mean over the last axis (softmax ignores a per-row shift, and
-              the paper's limit assumes zero-mean logits). Its gradient ``(1/V)(z̃ − ṽ)`` is exactly the paper's
-              ``T² · (1 / (V T²)) (z_i − v_i)``, so the value does not depend on ``T``.
-        jsd_beta: the mixture weight ``β`` of ``"jsd"``; ignored otherwise.
+            * ``"mse"`` — logit matching, the paper's high-temperature limit: ``(1 / 2V) Σ_i (z̃_i − ṽ_i)²`` with the
+              logits centred to zero mean; its gradient ``(1/V)(z̃ − ṽ)`` does not depend on ``T``.
+            * any name added with :func:`hf_distill.register_distillation_loss`.
+        jsd_beta: the mixture weight ``β`` of ``"jsd"``; passed only to divergences that take it.
 
     Returns:
         ``[...]`` float32 tensor: ``T² · D`` for each position (no reduction).
     """
+    divergence = get_distillation_loss(loss_type)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must have"
             " the same shape."
         )
-    student_logits = student_logits.float()
-    teacher_logits = teacher_logits.float()
-
-    if loss_type == "mse":
-        difference = student_logits - teacher_logits
-        difference = difference - difference.mean(dim=-1, keepdim=True)
-        return 0.5 * difference.pow(2).mean(dim=-1)
-
-    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
-    if loss_type == "kl":
-        divergence = _kl_from_log_probs(teacher_log_probs, student_log_probs)
-    elif loss_type == "reverse_kl":
-        divergence = _kl_from_log_probs(student_log_probs, teacher_log_probs)
-    elif loss_type == "jsd":
-        mixture_log_probs = torch.logsumexp(
-            torch.stack([teacher_log_probs + torch.log(torch.tensor(jsd_beta)),
-                         student_log_probs + torch.log(torch.tensor(1.0 - jsd_beta))]),
-            dim=0,
-        )
-        divergence = jsd_beta * _kl_from_log_probs(teacher_log_probs, mixture_log_probs) + (
-            1.0 - jsd_beta
-        ) * _kl_from_log_probs(student_log_probs, mixture_log_probs)
-    else:
-        raise ValueError(f"Unknown distillation loss {loss_type!r}; choose one of {DISTILLATION_LOSSES}.")
-    return divergence * temperature**2
+    options = divergence.select_options({"jsd_beta": jsd_beta})
+    return divergence.value(student_logits.float(), teacher_logits.float(), temperature, **options)
 
 
 def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

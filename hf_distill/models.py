@@ -2,37 +2,42 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING,
+    MODEL_FOR_MASKED_LM_MAPPING,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+    MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForMaskedLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
+    PretrainedConfig,
     PreTrainedModel,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_pt_utils import find_batch_size
 
-from . import losses
 from .losses import IGNORE_INDEX
 
-# Auto classes tried, in order, to load a teacher given as a path or Hub id with the student's task head.
+# Auto classes tried, in order, to load a teacher given as a path or Hub id with the student's task head, each with the
+# public config -> model class mapping behind it (which holds models added with `AutoModelFor....register` too).
 TASK_AUTO_CLASSES = (
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForMaskedLM,
-    AutoModelForTokenClassification,
-    AutoModelForSequenceClassification,
-    AutoModelForImageClassification,
+    (AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING),
+    (AutoModelForSeq2SeqLM, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING),
+    (AutoModelForMaskedLM, MODEL_FOR_MASKED_LM_MAPPING),
+    (AutoModelForTokenClassification, MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING),
+    (AutoModelForSequenceClassification, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING),
+    (AutoModelForImageClassification, MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING),
 )
 
 
@@ -50,41 +55,28 @@ def logits_of(outputs: Any) -> torch.Tensor:
     )
 
 
-def _mapping_names(auto_class) -> set[str]:
-    """Class names an `AutoModelFor...` maps to, registered ones included."""
-    mapping = auto_class._model_mapping
-    names = {cls.__name__ for cls in mapping._extra_content.values()}
-    for value in mapping._model_mapping.values():
-        names.update(value if isinstance(value, (tuple, list)) else (value,))
-    return names
+def _model_classes(mapping, config_class: type[PretrainedConfig]) -> tuple[type, ...]:
+    """The model classes `mapping` (an `AutoModelFor...` mapping) gives for `config_class`; importing only those."""
+    if config_class not in mapping:
+        return ()
+    classes = mapping[config_class]
+    return tuple(classes) if isinstance(classes, (tuple, list)) else (classes,)
 
 
 def auto_class_for(model: nn.Module):
-    """The `AutoModelFor...` class whose mapping holds `type(model)`, or None."""
-    return next((a for a in TASK_AUTO_CLASSES if type(model).__name__ in _mapping_names(a)), None)
+    """The `AutoModelFor...` class whose mapping holds `type(model)` for its config class, or None."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, PretrainedConfig):
+        return None
+    return next((auto_class for auto_class, mapping in TASK_AUTO_CLASSES
+                 if type(model) in _model_classes(mapping, type(config))), None)
 
 
-def load_teacher(name_or_path: str, student: nn.Module | None, init_kwargs: dict | None = None) -> PreTrainedModel:
-    """Load a teacher from a path or Hub id with the `AutoModelFor...` class of the student's task head (without a
-    student: the class of the first architecture its config names)."""
-    init_kwargs = dict(init_kwargs or {})
-    if student is None:
-        from transformers import AutoConfig
-
-        architectures = AutoConfig.from_pretrained(name_or_path).architectures or []
-        auto_class = next((a for a in TASK_AUTO_CLASSES for arch in architectures[:1]
-                           if arch in _mapping_names(a)), None)
-    else:
-        auto_class = auto_class_for(student)
-    if auto_class is None:
-        raise ValueError(
-            f"Cannot tell which AutoModelFor... class loads a teacher for a {type(student).__name__} student; load the "
-            f"teacher yourself and pass the model as `teacher_model` instead of {name_or_path!r}."
-        )
-    for key in ("dtype", "torch_dtype"):  # "bfloat16" from a CLI/JSON config means torch.bfloat16
-        if isinstance(init_kwargs.get(key), str) and init_kwargs[key] != "auto":
-            init_kwargs[key] = getattr(torch, init_kwargs[key])
-    return auto_class.from_pretrained(name_or_path, **init_kwargs)
+def auto_class_for_architecture(config: PretrainedConfig):
+    """The `AutoModelFor...` class that loads the first architecture a config names, or None."""
+    architecture = (config.architectures or [None])[0]
+    return next((auto_class for auto_class, mapping in TASK_AUTO_CLASSES
+                 if architecture in {c.__name__ for c in _model_classes(mapping, type(config))}), None)
 
 
 def output_size(model: nn.Module) -> int | None:
@@ -144,53 +136,3 @@ def counted_positions(inputs: Mapping[str, Any], *, token_level: bool, shift: bo
         device = next((v.device for v in inputs.values() if isinstance(v, torch.Tensor)), None)
         mask = torch.ones(batch_size, dtype=torch.bool, device=device)
     return mask[..., 1:] if shift and mask.dim() > 1 else mask
-
-
-def teacher_fingerprint(model: nn.Module) -> str:
-    """A short, cheap identity of a teacher's weights: sha256 over every parameter's shape and first 1,024 values.
-
-    Used to refuse cached teacher logits computed by another teacher. Reads ~4 kB per tensor, not the whole model.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().flatten()[:1024].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def model_name(model: nn.Module) -> str:
-    """`name_or_path` of a transformers model, else its class name."""
-    return getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
-
-
-class EnsembleTeacher(nn.Module):
-    """Several teachers as one: `forward` returns the ensemble's combined logits (`losses.ensemble_teacher_logits`).
-
-    `temperature` is set by the trainer before each use (an arithmetic mean of tempered distributions depends on it).
-    Each teacher receives the inputs its `forward` takes.
-    """
-
-    def __init__(self, teachers: Sequence[nn.Module], reduction: str = "mean_probs", weights=None,
-                 temperature: float = 1.0):
-        super().__init__()
-        losses.check_ensemble_settings(reduction, weights, len(teachers))
-        self.teachers = nn.ModuleList(teachers)
-        self.reduction, self.weights, self.temperature = reduction, weights, temperature
-        self._arguments = [accepted_arguments(t) for t in teachers]
-        if all(names is not None for names in self._arguments):
-            # Show the members' inputs as this module's signature, so column filtering (Trainer's
-            # `remove_unused_columns`, `accepted_arguments`) keeps exactly what some member takes.
-            names = sorted(set().union(*self._arguments))
-            forward = functools.partial(type(self).forward, self)
-            forward.__signature__ = inspect.Signature(
-                [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in names]
-            )
-            self.forward = forward  # per instance: ensembles of different members have different inputs
-
-    def forward(self, **inputs) -> torch.Tensor:
-        per_teacher = [
-            logits_of(teacher(**{k: v for k, v in inputs.items() if names is None or k in names}))
-            for teacher, names in zip(self.teachers, self._arguments)
-        ]
-        return losses.ensemble_teacher_logits(per_teacher, reduction=self.reduction, weights=self.weights,
-                                              temperature=self.temperature)

@@ -38,17 +38,8 @@ from transformers import default_data_collator
 from transformers.utils import logging
 
 from . import losses
-from .models import (
-    EnsembleTeacher,
-    accepted_arguments,
-    counted_positions,
-    is_token_level,
-    load_teacher,
-    logits_of,
-    model_name,
-    shifts_labels,
-    teacher_fingerprint,
-)
+from .models import accepted_arguments, counted_positions, is_token_level, logits_of, shifts_labels
+from .teachers import EnsembleTeacher, as_teacher_list, ensemble_members, teacher_fingerprint, teacher_identity
 
 logger = logging.get_logger(__name__)
 
@@ -57,10 +48,6 @@ TEACHER_TOPK_LOGPROBS = "teacher_topk_logprobs"
 TEACHER_TOPK_IDS = "teacher_topk_ids"
 TEACHER_COLUMNS = (TEACHER_LOGITS, TEACHER_TOPK_LOGPROBS, TEACHER_TOPK_IDS)
 METADATA_KEY = "hf_distill_teacher_cache"
-
-
-def teacher_identity(teachers: Sequence[nn.Module]) -> list[dict[str, str]]:
-    return [{"name": model_name(t), "fingerprint": teacher_fingerprint(t)} for t in teachers]
 
 
 def read_cache_metadata(dataset: Any) -> dict | None:
@@ -72,11 +59,6 @@ def read_cache_metadata(dataset: Any) -> dict | None:
         return json.loads(description).get(METADATA_KEY)
     except (json.JSONDecodeError, AttributeError):
         return None
-
-
-def _as_teachers(teacher, init_kwargs) -> list[nn.Module]:
-    teachers = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
-    return [load_teacher(t, None, init_kwargs) if isinstance(t, str) else t for t in teachers]
 
 
 @torch.no_grad()
@@ -117,7 +99,7 @@ def precompute_teacher_logits(
         raise ValueError(f"`dtype` must be 'float16' or 'float32', got {dtype!r}.")
     if top_k is not None and top_k < 1:
         raise ValueError(f"`top_k` must be a positive integer or None, got {top_k!r}.")
-    teachers = _as_teachers(teacher, teacher_model_init_kwargs)
+    teachers = as_teacher_list(teacher, None, teacher_model_init_kwargs)
     if len(teachers) > 1 and ensemble_reduction == "mean_probs" and temperature is None:
         raise ValueError("An arithmetic-mean ensemble ('mean_probs') depends on T: pass `temperature=`.")
     losses.check_ensemble_settings(ensemble_reduction, teacher_weights, len(teachers))
@@ -198,6 +180,39 @@ def _rows_to_arrow(rows: list[np.ndarray]) -> pa.ListArray:
     flat = np.concatenate(rows)
     return pa.ListArray.from_arrays(pa.array(np.arange(0, len(flat) + 1, rows[0].shape[-1], dtype=np.int64)),
                                     pa.array(flat))
+
+
+def check_cache_matches_run(dataset, args, teacher: nn.Module | None) -> None:
+    """Refuse cached teacher outputs that are not what this run (and its model card) will claim.
+
+    Checks the teacher fingerprints against `teacher` (when one is given) and, for an arithmetic-mean ensemble's
+    targets, the temperature against `args`.
+    """
+    metadata = read_cache_metadata(dataset)
+    if metadata is None:
+        return
+    if metadata.get("num_rows") is not None and len(dataset) != metadata["num_rows"]:
+        logger.info(f"Cached teacher outputs cover a {metadata['num_rows']}-row dataset; this one has "
+                    f"{len(dataset)} rows (a selection of it).")
+    if metadata.get("temperature") is not None and (
+        args.temperature_schedule != "constant" or metadata["temperature"] != args.temperature
+    ):
+        raise ValueError(
+            f"The cached ensemble targets were computed at temperature {metadata['temperature']} (an arithmetic "
+            f"mean depends on T) but this run uses temperature={args.temperature}"
+            f"{' with a schedule' if args.temperature_schedule != 'constant' else ''}. Recompute them with "
+            "`precompute_teacher_logits(..., temperature=...)`, or use ensemble_reduction='mean_log_probs'."
+        )
+    if teacher is not None:
+        expected = [teacher_fingerprint(t) for t in ensemble_members(teacher)]
+        cached = [t["fingerprint"] for t in metadata["teachers"]]
+        if expected != cached:
+            raise ValueError(
+                f"The train_dataset's cached teacher outputs come from teacher(s) "
+                f"{[t['name'] for t in metadata['teachers']]} (fingerprints {cached}), not from the `teacher_model` "
+                f"given (fingerprints {expected}). Pass the teacher that made the cache, teacher_model=None to use "
+                "the cache alone, or recompute it with `precompute_teacher_logits`."
+            )
 
 
 class TeacherColumnsCollator:

@@ -11,7 +11,6 @@ The trainer only wires; the math lives in `hf_distill.losses`. Hooks overridden,
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,27 +23,26 @@ from transformers.utils import logging
 from . import losses
 from .arguments import DistillationTrainingArguments
 from .chunked import chunked_distillation_loss
+from .distributed import needs_late_placement, place_teacher
 from .hub import push_errors_explained
 from .model_card import write_distillation_model_card
-from .models import (
-    EnsembleTeacher,
-    accepted_arguments,
-    counted_positions,
-    is_encoder_decoder,
-    is_token_level,
-    load_teacher,
-    logits_of,
-    output_size,
-    shifts_labels,
-    teacher_fingerprint,
-)
+from .models import accepted_arguments, counted_positions, is_encoder_decoder, is_token_level, logits_of, shifts_labels
 from .teacher_cache import (
     TEACHER_COLUMNS,
     TEACHER_LOGITS,
     TEACHER_TOPK_IDS,
     TEACHER_TOPK_LOGPROBS,
     TeacherColumnsCollator,
+    check_cache_matches_run,
     read_cache_metadata,
+)
+from .teachers import (
+    EnsembleTeacher,
+    TeacherSignal,
+    align_teacher_signal,
+    build_teacher,
+    check_output_sizes,
+    teacher_forward,
 )
 
 logger = logging.get_logger(__name__)
@@ -149,10 +147,17 @@ class DistillationTrainer(Trainer):
         self._shift_labels, self._token_level = shifts_labels(student), is_token_level(student)
         self._is_encoder_decoder = is_encoder_decoder(student)
         self._student_arguments = accepted_arguments(student)
-        self.teacher_model = self._build_teacher(teacher_model, student)
-        self._kd_vocab_size = self._check_output_sizes(student, self.teacher_model)
+        self._teacher_prepared = not needs_late_placement(self)
+        self.teacher_model = build_teacher(
+            teacher_model, student, self.args, device=self.args.device if self._teacher_prepared else None
+        )
+        self._is_ensemble = isinstance(self.teacher_model, EnsembleTeacher)
+        self._teacher_arguments = accepted_arguments(self.teacher_model) if self.teacher_model is not None else None
+        tokenizer_size = len(self.processing_class) if hasattr(self.processing_class, "__len__") else None
+        self._kd_vocab_size = check_output_sizes(student, self.teacher_model, shift_labels=self._shift_labels,
+                                                 tokenizer_size=tokenizer_size)
         self._check_labels_available()
-        self._check_teacher_cache(self.train_dataset)
+        check_cache_matches_run(self.train_dataset, self.args, self.teacher_model)
 
         # Cached teacher columns are batched by this wrapper, whatever the collator (see `_set_signature_columns_...`).
         if not isinstance(self.data_collator, TeacherColumnsCollator):
@@ -164,54 +169,6 @@ class DistillationTrainer(Trainer):
         self._teacher_nonfinite = torch.zeros((), dtype=torch.bool, device=self.args.device)
 
     # ---- construction helpers ----
-
-    def _build_teacher(self, teacher_model, student: nn.Module) -> nn.Module | None:
-        """Load, combine, freeze and place the teacher(s)."""
-        if teacher_model is None:
-            return None
-        teachers = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
-        if not teachers:
-            raise ValueError("`teacher_model` is an empty list; give at least one teacher.")
-        teachers = [load_teacher(t, student, self.args.teacher_model_init_kwargs) if isinstance(t, str) else t
-                    for t in teachers]
-        for teacher in teachers:
-            if not isinstance(teacher, nn.Module):
-                raise TypeError(f"`teacher_model` entries must be nn.Modules or paths/Hub ids, got {type(teacher)}.")
-        if len(teachers) > 1:
-            for teacher in teachers[1:]:
-                self._check_output_sizes(teachers[0], teacher)
-            teacher = EnsembleTeacher(teachers, self.args.ensemble_reduction, self.args.teacher_weights,
-                                      self.args.temperature)
-        else:
-            teacher = teachers[0]
-        self._teacher_arguments = accepted_arguments(teacher)
-        teacher.eval()
-        teacher.requires_grad_(False)
-        self._teacher_prepared = False
-        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(teacher, "hf_device_map", None)):
-            teacher.to(self.args.device)
-            self._teacher_prepared = True
-        return teacher
-
-    def _check_output_sizes(self, student: nn.Module, teacher: nn.Module | None) -> int | None:
-        """Raise on a teacher/student output-size mismatch; return the vocabulary slice for padded causal LMs."""
-        if isinstance(teacher, EnsembleTeacher):
-            teacher = teacher.teachers[0]
-        student_size, teacher_size = output_size(student), output_size(teacher) if teacher is not None else None
-        if student_size is None or teacher_size is None or student_size == teacher_size:
-            return None
-        tokenizer_size = len(self.processing_class) if hasattr(self.processing_class, "__len__") else None
-        if self._shift_labels and tokenizer_size is not None and tokenizer_size <= min(student_size, teacher_size):
-            logger.info(
-                f"Teacher vocabulary {teacher_size} and student vocabulary {student_size} differ only in padding past "
-                f"the tokenizer's {tokenizer_size} entries: distilling over those {tokenizer_size}."
-            )
-            return tokenizer_size
-        raise ValueError(
-            f"Teacher and student outputs differ in size: teacher {teacher_size}, student {student_size} "
-            "(num_labels or vocabulary size). Use a teacher with the student's label set / tokenizer. (Causal LMs whose "
-            "vocabularies only differ by padding are accepted when `processing_class` is their tokenizer.)"
-        )
 
     def _check_labels_available(self) -> None:
         needs_labels = self.args.alpha < 1.0 or (self.args.alpha_end is not None and self.args.alpha_end < 1.0)
@@ -232,52 +189,10 @@ class DistillationTrainer(Trainer):
                 "the teacher's soft targets alone."
             )
 
-    def _check_teacher_cache(self, dataset) -> None:
-        """Refuse cached teacher outputs that are not what this run (and its model card) will claim."""
-        metadata = read_cache_metadata(dataset)
-        if metadata is None:
-            return
-        if metadata.get("num_rows") is not None and len(dataset) != metadata["num_rows"]:
-            logger.info(f"Cached teacher outputs cover a {metadata['num_rows']}-row dataset; this one has "
-                        f"{len(dataset)} rows (a selection of it).")
-        if metadata.get("temperature") is not None and (
-            self.args.temperature_schedule != "constant" or metadata["temperature"] != self.args.temperature
-        ):
-            raise ValueError(
-                f"The cached ensemble targets were computed at temperature {metadata['temperature']} (an arithmetic "
-                f"mean depends on T) but this run uses temperature={self.args.temperature}"
-                f"{' with a schedule' if self.args.temperature_schedule != 'constant' else ''}. Recompute them with "
-                "`precompute_teacher_logits(..., temperature=...)`, or use ensemble_reduction='mean_log_probs'."
-            )
-        if self.teacher_model is not None:
-            members = self.teacher_model.teachers if isinstance(self.teacher_model, EnsembleTeacher) else [
-                self.teacher_model]
-            expected = [teacher_fingerprint(t) for t in members]
-            cached = [t["fingerprint"] for t in metadata["teachers"]]
-            if expected != cached:
-                raise ValueError(
-                    f"The train_dataset's cached teacher outputs come from teacher(s) "
-                    f"{[t['name'] for t in metadata['teachers']]} (fingerprints {cached}), not from the `teacher_model` "
-                    f"given (fingerprints {expected}). Pass the teacher that made the cache, teacher_model=None to use "
-                    "the cache alone, or recompute it with `precompute_teacher_logits`."
-                )
-
-    def _set_signature_columns_if_needed(self):
+    def _set_signature_columns_if_needed(self):  # a private Trainer hook: see `hf_distill.private_apis`
         """Trainer's columns to keep (the student's inputs and labels), plus the cached teacher columns."""
         super()._set_signature_columns_if_needed()
         self._signature_columns += [c for c in TEACHER_COLUMNS if c not in self._signature_columns]
-
-    def _prepare_teacher(self) -> None:
-        """Place the teacher under DeepSpeed/FSDP, once, at its first use (after the engine config is final)."""
-        if self.is_deepspeed_enabled:
-            self.teacher_model = _deepspeed_inference_engine(self.teacher_model, self.accelerator)
-        elif self.is_fsdp_enabled:
-            # UNVERIFIED until a multi-GPU run: FSDP shards the frozen teacher like the student; it must not join
-            # `accelerator._models`, which `save_state` writes to checkpoints.
-            self.teacher_model = self.accelerator.prepare_model(self.teacher_model, evaluation_mode=True)
-            if self.teacher_model in self.accelerator._models:
-                self.accelerator._models.remove(self.teacher_model)
-        self._teacher_prepared = True
 
     # ---- schedules ----
 
@@ -316,72 +231,23 @@ class DistillationTrainer(Trainer):
                 "This batch carries no cached teacher outputs and no `teacher_model` was given (e.g. an eval_dataset "
                 "without `precompute_teacher_logits` columns): pass the teacher, or precompute this dataset too."
             )
-        if not self._teacher_prepared:
-            self._prepare_teacher()
-        if isinstance(self.teacher_model, EnsembleTeacher):
-            self.teacher_model.temperature = temperature
-        keep_labels = self._is_encoder_decoder and "decoder_input_ids" not in inputs  # builds the decoder inputs
-        teacher_inputs = {
-            key: value
-            for key, value in inputs.items()
-            if (key != "labels" or keep_labels) and (self._teacher_arguments is None or key in self._teacher_arguments)
-        }
-        if self._teacher_arguments is not None and "use_cache" in self._teacher_arguments:
-            teacher_inputs["use_cache"] = False  # a KV cache is of no use to a single forward pass
-        # The student runs under accelerate's autocast (its forward is wrapped at `prepare`); the teacher is never
-        # prepared, so it gets the same autocast explicitly.
-        with torch.no_grad(), self.accelerator.autocast():
-            return logits_of(self.teacher_model(**teacher_inputs))
+        if not self._teacher_prepared:  # DeepSpeed/FSDP: placed at first use, once their configuration is final
+            self.teacher_model = place_teacher(self.teacher_model, self)
+            self._teacher_prepared = True
+        return teacher_forward(
+            self.teacher_model, inputs, accepted=self._teacher_arguments,
+            keep_labels=self._is_encoder_decoder and "decoder_input_ids" not in inputs,  # builds the decoder inputs
+            temperature=temperature if self._is_ensemble else None, autocast=self.accelerator.autocast,
+        )
 
-    def _aligned_logits(self, student_logits, inputs, cached, mask, temperature):
-        """Student and teacher logits ``[..., V']`` over the same positions, the mask over them, and two callables
-        giving the student's and the teacher's argmax (computed only when agreement is reported).
-
-        Online: the full ``[B, (L,) V]`` tensors (causal LMs shifted). Cached token-level outputs hold counted
-        positions only, so the student's are selected to match: ``[N, V]`` with an all-true mask. Cached top-k: the
-        student's logits at the teacher's top-k ids, ``[..., k]``.
-        """
-        if self._shift_labels:
-            student_logits = student_logits[..., :-1, :]
-        if not cached:
-            teacher_logits = self._teacher_logits(inputs, temperature)
-            if self._shift_labels:
-                teacher_logits = teacher_logits[..., :-1, :]
-            if self._kd_vocab_size is not None:
-                student_logits = student_logits[..., : self._kd_vocab_size]
-                teacher_logits = teacher_logits[..., : self._kd_vocab_size]
-        else:
-            teacher_logits = cached.get(TEACHER_LOGITS, cached.get(TEACHER_TOPK_LOGPROBS))
-            if self._token_level:
-                if teacher_logits.shape[0] != int(mask.sum()):
-                    raise ValueError(
-                        f"Cached teacher outputs hold {teacher_logits.shape[0]} positions for a batch that counts "
-                        f"{int(mask.sum())}: they were computed with other labels/attention masks or for other rows. "
-                        "Recompute them with `precompute_teacher_logits` on this dataset."
-                    )
-                student_logits, mask = student_logits[mask], mask.new_ones(teacher_logits.shape[0])
-            if TEACHER_TOPK_IDS in cached:
-                top_k_ids = cached[TEACHER_TOPK_IDS].long()
-                if top_k_ids.shape[:-1] != student_logits.shape[:-1]:
-                    raise ValueError(f"Cached top-k teacher outputs {tuple(top_k_ids.shape)} do not match the batch's "
-                                     f"positions {tuple(student_logits.shape[:-1])}.")
-                # Agreement uses the student's full argmax; the ids are sorted, so the teacher's is the first.
-                full_student_logits = student_logits.detach()
-                return (student_logits.gather(-1, top_k_ids), teacher_logits, mask,
-                        lambda: full_student_logits.argmax(-1), lambda: top_k_ids[..., 0])
-        if student_logits.shape != teacher_logits.shape:
-            raise ValueError(
-                f"Teacher and student outputs differ: teacher logits {tuple(teacher_logits.shape)}, student logits "
-                f"{tuple(student_logits.shape)} (last axis: num_labels or vocabulary size). Use a teacher with the "
-                "student's label set / tokenizer (or recompute cached teacher outputs for this dataset)."
-            )
-        if mask.shape != student_logits.shape[:-1]:
-            raise ValueError(
-                f"Labels of shape {tuple(mask.shape)} do not match logits of shape {tuple(student_logits.shape)} (one "
-                "label per position expected; -100 marks positions to ignore)."
-            )
-        return (student_logits, teacher_logits, mask, lambda: student_logits.detach().argmax(-1),
-                lambda: teacher_logits.argmax(-1))
+    def _teacher_signal(self, student_logits, inputs, cached, mask, temperature) -> TeacherSignal:
+        return align_teacher_signal(
+            student_logits, mask,
+            cached_teacher_outputs=cached.get(TEACHER_LOGITS, cached.get(TEACHER_TOPK_LOGPROBS)),
+            cached_top_k_ids=cached.get(TEACHER_TOPK_IDS),
+            online_teacher_logits=lambda: self._teacher_logits(inputs, temperature),
+            shift_labels=self._shift_labels, token_level=self._token_level, vocab_size=self._kd_vocab_size,
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``alpha · KD + (1 − alpha) · label loss``, normalised by the counted positions of the optimizer step.
@@ -419,15 +285,13 @@ class DistillationTrainer(Trainer):
         count = mask.sum()
         stats = {}
         if use_kd:
-            kd_student, kd_teacher, kd_mask, student_argmax, teacher_argmax = self._aligned_logits(
-                student_logits, inputs, cached, mask, temperature
-            )
-            kd_sum = self._kd_sum(kd_student, kd_teacher, kd_mask, temperature)
+            signal = self._teacher_signal(student_logits, inputs, cached, mask, temperature)
+            kd_sum = self._kd_sum(signal.student_logits, signal.teacher_logits, signal.mask, temperature)
             # One float32 reduction instead of an elementwise `isfinite` (NaN/inf anywhere make the sum non-finite).
-            self._teacher_nonfinite |= ~torch.isfinite(kd_teacher.sum(dtype=torch.float32))
+            self._teacher_nonfinite |= ~torch.isfinite(signal.teacher_logits.sum(dtype=torch.float32))
             stats.update(kd_sum=kd_sum, kd_count=count)
             if not training:  # two argmaxes over [..., V]: an evaluation metric, not paid on every training step
-                stats.update(agree=(student_argmax().eq(teacher_argmax()) & kd_mask).sum(), agree_count=count)
+                stats.update(agree=signal.agreement(), agree_count=count)
         if need_label:
             label_mean = self._label_loss(outputs, student_logits, labels)
             label_sum = label_mean * count  # the student's loss is a mean over exactly these positions
@@ -533,31 +397,3 @@ class DistillationTrainer(Trainer):
         with push_errors_explained(self):
             return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
 
-
-def _deepspeed_inference_engine(model: nn.Module, accelerator) -> nn.Module:
-    """Wrap the frozen teacher in a DeepSpeed inference engine sharing the student's ZeRO config (TRL's approach).
-
-    UNVERIFIED until a multi-GPU DeepSpeed run. Under ZeRO-3 the teacher is partitioned like the student; other stages
-    keep a full copy per GPU (stage 0). No optimizer is built for it.
-    """
-    import deepspeed
-
-    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
-    if stage == 3 and hidden_size is not None:
-        # "auto" values are filled for the student by Trainer; give the teacher concrete ones from its own width.
-        config["zero_optimization"].update(
-            {
-                "reduce_bucket_size": hidden_size * hidden_size,
-                "stage3_param_persistence_threshold": 10 * hidden_size,
-                "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-            }
-        )
-    if stage != 3:
-        config.setdefault("zero_optimization", {})["stage"] = 0
-    config.pop("optimizer", None)
-    config.pop("scheduler", None)
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
-    return engine

@@ -1,0 +1,34 @@
+"""Every private API of another library that hf-distill uses, each with its reason, in one place.
+
+Private names can change in any release. Each one used is wrapped or named here, and `tests/test_private_apis.py`
+checks that each still exists and behaves as relied on, so an upgrade that breaks one fails loudly there instead of
+silently somewhere in a run.
+
+| private API | library | used for | why no public one |
+| --- | --- | --- | --- |
+| `TrainingArguments._VALID_DICT_FIELDS` | transformers | `teacher_model_init_kwargs` given as a JSON string on the command line is parsed into a dict, like `lr_scheduler_kwargs` | the list that `TrainingArguments.__post_init__` parses is the only hook for that |
+| `Trainer._set_signature_columns_if_needed` / `Trainer._signature_columns` | transformers | keep the cached teacher columns when Trainer drops the columns the student's `forward` does not take | the columns kept are decided only there (`remove_unused_columns` has no extension point) |
+| `Trainer.save_model(_internal_call=True)` | transformers | saving the student after a failed push without triggering another push | `save_model` pushes by itself when `push_to_hub=True` unless this flag is set |
+| `Accelerator._models` | accelerate | keep an FSDP-wrapped teacher out of the models `save_state` writes to checkpoints | `prepare_model` registers every model it wraps; there is no public way to wrap without registering |
+"""
+
+from __future__ import annotations
+
+from transformers import TrainingArguments
+
+# `TrainingArguments` fields parsed from JSON strings when given on the command line.
+TRAINING_ARGUMENTS_DICT_FIELDS: list[str] = list(TrainingArguments._VALID_DICT_FIELDS)
+
+# Trainer's hook that decides which dataset columns reach the model (overridden by `DistillationTrainer`).
+SIGNATURE_COLUMNS_HOOK = "_set_signature_columns_if_needed"
+
+
+def save_model_without_push(trainer) -> None:
+    """`trainer.save_model()` without the push to the Hub it starts by itself when `push_to_hub=True`."""
+    trainer.save_model(_internal_call=True)
+
+
+def forget_prepared_model(accelerator, model) -> None:
+    """Remove `model` from the models `accelerator.save_state` writes (it was registered by `prepare_model`)."""
+    if model in accelerator._models:
+        accelerator._models.remove(model)
