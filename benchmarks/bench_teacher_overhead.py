@@ -75,7 +75,10 @@ def mnist_pair():
     teacher = MLPForImageClassification(MLPConfig(hidden_sizes=[1200, 1200], input_dropout=0.2, hidden_dropout=0.5))
     student = MLPForImageClassification(MLPConfig(hidden_sizes=[800, 800]))
     if (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
-        from hf_distill.mnist import load_mnist_idx
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the example's data loader
+        from mnist_data import load_mnist_idx
 
         images, labels = load_mnist_idx(MNIST_DIR)["train"]
         images, labels = images[:8192].float().div(255).unsqueeze(1), labels[:8192]

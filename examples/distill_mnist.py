@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +43,13 @@ from hf_distill import (
     MaxNormCallback,
     MLPConfig,
     MLPForImageClassification,
-    load_digit_splits,
 )
+
+
+# `mnist_data.py` sits next to this script: on sys.path under `python`/`accelerate launch`, not when imported by path.
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mnist_data import load_digit_splits  # noqa: E402
 
 
 logger = logging.getLogger(__name__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import datasets
@@ -26,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "examples"))  # the MNIST example's data code: tests `from mnist_data import ...`
 MNIST_DIR = REPO_ROOT.parent / "shared" / "datasets" / "mnist"
 
 VOCAB_SIZE = 40

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, TrainingArguments
 
+from mnist_data import ImageTensorDataset, load_mnist_idx
+
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, MLPConfig, MLPForImageClassification
-from hf_distill.mnist import ImageTensorDataset, load_mnist_idx
 
 TRAIN_ROWS, TEST_ROWS, EPOCHS = 2000, 2000, 40
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import MNIST_DIR, REPO_ROOT
 
-from hf_distill import ImageTensorDataset, jitter_images, load_digit_splits, read_idx
+from mnist_data import ImageTensorDataset, jitter_images, load_digit_splits, read_idx
 
 
 requires_mnist = pytest.mark.skipif(not MNIST_DIR.exists(), reason=f"MNIST IDX files not found in {MNIST_DIR}")

@@ -3,7 +3,9 @@
 import torch
 from transformers import AutoConfig, AutoModelForImageClassification, Trainer, TrainingArguments
 
-from hf_distill import ImageTensorDataset, MaxNormCallback, MLPConfig, MLPForImageClassification
+from mnist_data import ImageTensorDataset
+
+from hf_distill import MaxNormCallback, MLPConfig, MLPForImageClassification
 
 
 def tiny_config(**overrides) -> MLPConfig:

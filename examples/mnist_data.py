@@ -1,4 +1,9 @@
-"""Handwritten-digit data for the MNIST distillation example: loading, splits and jitter.
+# Copyright 2026 The hf-distill authors. Licensed under the Apache License, Version 2.0.
+"""
+Handwritten-digit data for `examples/distill_mnist.py`: loading, splits and jitter.
+
+This module belongs to the example, not to the `hf_distill` library (which neither ships it nor imports
+scikit-learn or matplotlib). `distill_mnist.py` imports it as a sibling module: `from mnist_data import ...`.
 
 Everything is kept in memory as torch tensors (MNIST is 188 MB as float32), and batches are cut with one indexing
 operation per batch instead of one Python call per example, so the data pipeline costs little next to the matmuls
