@@ -207,6 +207,8 @@ def test_example_end_to_end_on_a_few_hundred_mnist_rows(tmp_path, capsys):
         assert len(row["learning_curve"]) == 3  # one validation point per epoch
         assert f"| {row['test_errors']} / 300 | {row['test_error_percent']:.2f} |" in printed
     assert saved["models"][0]["agreement_with_teacher"] == 1.0
+    assert saved["models"][0]["kl_from_teacher"] == pytest.approx(0.0, abs=1e-9)  # the fidelity metric module
+    assert all(row["kl_from_teacher"] >= 0 and 0 <= row["expected_calibration_error"] <= 1 for row in saved["models"])
     assert [row["paper_test_errors"] for row in saved["models"]] == [67, None, None]  # no-3s students: see below
     assert [row["hidden_sizes"] for row in saved["models"]] == [[64, 64], [16], [16]]
     assert "| teacher | 2×64 |" in printed and "| distilled | 1×16 |" in printed
