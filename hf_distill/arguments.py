@@ -8,7 +8,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .divergences import get_distillation_loss
+from .divergences import MAX_TEMPERATURE, get_distillation_loss
 from .losses import ENSEMBLE_REDUCTIONS, SCHEDULES, check_ensemble_settings
 from .private_apis import TRAINING_ARGUMENTS_DICT_FIELDS
 
@@ -111,6 +111,13 @@ class DistillationTrainingArguments(TrainingArguments):
                 continue
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}; e.g. {name}=2.0.")
+            if value > MAX_TEMPERATURE:
+                raise ValueError(
+                    f"`{name}`={value!r} is above {MAX_TEMPERATURE:g}, where the soft targets are uniform to within "
+                    "rounding and every divergence tends to logit matching: use distillation_loss='mse' (the "
+                    f"high-temperature limit, independent of T) with the default temperature, or {name} <= "
+                    f"{MAX_TEMPERATURE:g}."
+                )
         for name in ("alpha", "alpha_end"):
             value = getattr(self, name)
             if name == "alpha_end" and value is None:
@@ -124,6 +131,11 @@ class DistillationTrainingArguments(TrainingArguments):
                 raise ValueError(f"Unknown `{schedule}` {getattr(self, schedule)!r}; choose one of {list(SCHEDULES)}.")
             if getattr(self, schedule) != "constant" and getattr(self, end) is None:
                 raise ValueError(f"`{schedule}={getattr(self, schedule)!r}` needs `{end}`, the value to end at.")
+            if getattr(self, schedule) == "constant" and getattr(self, end) is not None:
+                raise ValueError(
+                    f"`{end}={getattr(self, end)!r}` has no effect with `{schedule}='constant'`: set "
+                    f"{schedule}='linear' or 'cosine' to move towards it, or drop `{end}`."
+                )
         try:  # a function is registered under its name, so the arguments stay serialisable
             self.distillation_loss = get_distillation_loss(self.distillation_loss).name
         except ValueError as error:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .divergences import Divergence, get_distillation_loss
+from .divergences import Divergence, compute_dtype, get_distillation_loss
 from .losses import DistillationLossType, distillation_divergence, masked_sum
 
 # About 4M float32 elements (16 MiB) per work tensor: small against an [N, V] buffer, large enough that the per-chunk
@@ -64,7 +64,9 @@ def divergence_and_student_gradient(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``T² · D(q ‖ p)`` and its gradient with respect to the student logits.
 
-    In closed form when the divergence has one (`Divergence.value_and_gradient`), else by autograd on these rows.
+    In closed form when the divergence has one (`Divergence.value_and_gradient`), else — and above
+    `hf_distill.divergences.FLOAT64_ABOVE_TEMPERATURE`, where the value is computed in float64 — by autograd on these
+    rows.
 
     Args:
         student_logits: ``[..., V]`` student logits, ``C`` rows in all (any float dtype; computed in float32; never
@@ -87,12 +89,13 @@ def divergence_and_student_gradient(
     shape, vocab_size = student_logits.shape, student_logits.shape[-1]
     if gradient_out is None:
         gradient_out = torch.empty(shape, dtype=torch.float32, device=student_logits.device)
-    if divergence.value_and_gradient is None:
+    dtype = compute_dtype(temperature, student_logits.device)
+    if divergence.value_and_gradient is None or dtype != torch.float32:
         with torch.enable_grad():
-            rows = student_logits.detach().float().requires_grad_(True)
-            values = divergence.value(rows, teacher_logits.float(), temperature, **options)
+            rows = student_logits.detach().to(dtype).requires_grad_(True)
+            values = divergence.value(rows, teacher_logits.to(dtype), temperature, **options)
             (gradient,) = torch.autograd.grad(values.sum(), rows)
-        return values.detach(), gradient_out.copy_(gradient)
+        return values.detach().float(), gradient_out.copy_(gradient)
     num_rows = student_logits.numel() // vocab_size
     if workspace is None:
         workspace = torch.empty(4, num_rows, vocab_size, dtype=torch.float32, device=student_logits.device)

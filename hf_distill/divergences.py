@@ -39,6 +39,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+# Above this temperature the naive path computes in float64 (and the chunked path differentiates it by autograd):
+# ``T² · D`` multiplies the float32 rounding of the log-probabilities (≈ 6e-8 · log V each) by T², so at T = 1000 a
+# float32 reverse KL or JSD of nearly equal distributions came out negative (−0.0098 where the value is 0.0122).
+FLOAT64_ABOVE_TEMPERATURE = 20.0
+# The largest temperature accepted: in float64 the same rounding stays below ~1e-9 there. Far beyond it the soft
+# targets are uniform and every divergence tends to logit matching, `"mse"`.
+MAX_TEMPERATURE = 1000.0
+
 # Training-argument fields that a divergence may take as keyword arguments (passed only to those naming them).
 DIVERGENCE_OPTIONS: tuple[str, ...] = ("jsd_beta",)
 
@@ -126,6 +134,13 @@ def register_distillation_loss(
     if value is None:
         return lambda value_function: register(value_function).value
     return register(value)
+
+
+def compute_dtype(temperature: float, device: torch.device) -> torch.dtype:
+    """float32, or float64 above :data:`FLOAT64_ABOVE_TEMPERATURE` (except on MPS, which has no float64)."""
+    if temperature > FLOAT64_ABOVE_TEMPERATURE and device.type != "mps":
+        return torch.float64
+    return torch.float32
 
 
 def get_distillation_loss(loss: str | Divergence | ValueFunction) -> Divergence:

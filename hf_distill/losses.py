@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .divergences import DISTILLATION_LOSSES, Divergence, get_distillation_loss
+from .divergences import DISTILLATION_LOSSES, Divergence, compute_dtype, get_distillation_loss
 
 # Any registered name (see `hf_distill.divergences`); the four built-in ones are "kl", "reverse_kl", "jsd", "mse".
 DistillationLossType = str
@@ -57,7 +57,9 @@ def distillation_divergence(
         jsd_beta: the mixture weight ``β`` of ``"jsd"``; passed only to divergences that take it.
 
     Returns:
-        ``[...]`` float32 tensor: ``T² · D`` for each position (no reduction).
+        ``[...]`` float32 tensor: ``T² · D`` for each position (no reduction). Computed in float32, or in float64 when
+        ``T`` exceeds `hf_distill.divergences.FLOAT64_ABOVE_TEMPERATURE` (float32 rounding times ``T²`` would
+        dominate the value there).
     """
     divergence = get_distillation_loss(loss_type)
     if student_logits.shape != teacher_logits.shape:
@@ -66,7 +68,9 @@ def distillation_divergence(
             " the same shape."
         )
     options = divergence.select_options({"jsd_beta": jsd_beta})
-    return divergence.value(student_logits.float(), teacher_logits.float(), temperature, **options)
+    dtype = compute_dtype(temperature, student_logits.device)
+    values = divergence.value(student_logits.to(dtype), teacher_logits.to(dtype), temperature, **options)
+    return values.float()
 
 
 def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -102,6 +106,13 @@ def check_ensemble_settings(reduction: str, weights, num_teachers: int) -> None:
     if reduction not in ENSEMBLE_REDUCTIONS:
         raise ValueError(f"Unknown `ensemble_reduction` {reduction!r}; choose one of {list(ENSEMBLE_REDUCTIONS)}.")
     if weights is not None:
+        if num_teachers == 1:
+            raise ValueError(
+                f"`teacher_weights` {list(weights)} weigh the members of an ensemble, but there is one teacher: drop "
+                "`teacher_weights`, or pass a list of teachers as `teacher_model`."
+            )
+        if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+            raise ValueError(f"`teacher_weights` must be finite numbers, got {list(weights)}.")
         if len(weights) != num_teachers:
             raise ValueError(f"`teacher_weights` has {len(weights)} entries for {num_teachers} teachers; give one each.")
         if any(w < 0 for w in weights) or sum(weights) <= 0:

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -43,6 +44,11 @@ def load_teacher(name_or_path: str, student: nn.Module | None, init_kwargs: dict
     """Load a teacher from a path or Hub id with the `AutoModelFor...` class of the student's task head (without a
     student: the class of the first architecture its config names), with `init_kwargs` for `from_pretrained`."""
     init_kwargs = dict(init_kwargs or {})
+    if _looks_like_a_path(name_or_path) and not os.path.exists(name_or_path):
+        raise ValueError(
+            f"The teacher path {name_or_path!r} does not exist (resolved to {os.path.abspath(name_or_path)!r}). Give "
+            "the directory a teacher was saved to with `save_pretrained`, or a Hub id such as 'org/model'."
+        )
     if student is None:
         auto_class = auto_class_for_architecture(AutoConfig.from_pretrained(name_or_path))
     else:
@@ -56,6 +62,12 @@ def load_teacher(name_or_path: str, student: nn.Module | None, init_kwargs: dict
         if isinstance(init_kwargs.get(key), str) and init_kwargs[key] != "auto":
             init_kwargs[key] = getattr(torch, init_kwargs[key])
     return auto_class.from_pretrained(name_or_path, **init_kwargs)
+
+
+def _looks_like_a_path(name_or_path: str) -> bool:
+    """A filesystem path rather than a Hub id ('org/name' or 'name'): absolute, relative, home-based, or deeper."""
+    return (os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+            or os.sep != "/" and os.sep in name_or_path)
 
 
 def teacher_fingerprint(model: nn.Module) -> str:
@@ -150,6 +162,8 @@ def build_teacher(teacher_model, student: nn.Module, args, *, device: torch.devi
     if teacher_model is None:
         return None
     teachers = as_teacher_list(teacher_model, student, args.teacher_model_init_kwargs)
+    check_not_shared(student, teachers)
+    losses.check_ensemble_settings(args.ensemble_reduction, args.teacher_weights, len(teachers))
     if len(teachers) > 1:
         for member in teachers[1:]:
             check_output_sizes(teachers[0], member)
@@ -161,6 +175,35 @@ def build_teacher(teacher_model, student: nn.Module, args, *, device: torch.devi
     if device is not None and getattr(teacher, "hf_device_map", None) is None:
         teacher.to(device)
     return teacher
+
+
+def check_not_shared(student: nn.Module, teachers: Sequence[nn.Module]) -> None:
+    """Refuse a teacher that is the student, or shares parameters (or their storage) with it.
+
+    Freezing such a teacher would freeze the shared part of the student too (its weights would silently stay as
+    they are), and training the student would change the teacher.
+    """
+    student_parameters = {}
+    for name, parameter in student.named_parameters():
+        student_parameters[id(parameter)] = name
+        if parameter.numel():
+            student_parameters[parameter.untyped_storage().data_ptr()] = name
+    for teacher in teachers:
+        if teacher is student:
+            raise ValueError(
+                "The same model was passed as the student (`model`) and as `teacher_model`. Distil from a separate "
+                "teacher, e.g. `teacher_model=copy.deepcopy(model)` for self-distillation."
+            )
+        for name, parameter in teacher.named_parameters():
+            shared = student_parameters.get(id(parameter)) or (
+                parameter.numel() and student_parameters.get(parameter.untyped_storage().data_ptr()))
+            if shared:
+                raise ValueError(
+                    f"The student's parameter `{shared}` is the teacher's `{name}` (a module shared between the two, "
+                    "e.g. `student.bert.embeddings = teacher.bert.embeddings`). The teacher is frozen, so that part of "
+                    "the student would never train. Give the student its own copy: `copy.deepcopy(...)` of the "
+                    "shared module."
+                )
 
 
 def check_output_sizes(student: nn.Module, teacher: nn.Module | None, *, shift_labels: bool = False,
