@@ -1,13 +1,22 @@
 """The model card of a distilled student: how it was made, and how it compares with its teacher.
 
-`DistillationTrainer.create_model_card` (and so `push_to_hub`) writes it to ``output_dir/README.md``. It fills the
-template ``model_cards/distillation_model_card.md`` (shipped inside the package) with:
+`DistillationTrainer.create_model_card` (and so `push_to_hub`) writes it to ``output_dir/README.md``, in three steps:
+
+1. `distillation_card_data` reads what the card says from the trainer into a `DistillationCardData` of plain values:
+   the teacher's lineage, both models' sizes, the loss settings, student and teacher results, data, hyperparameters;
+2. `render_distillation_model_card` turns that data alone into a `huggingface_hub.ModelCard`, filling the template
+   ``model_cards/distillation_model_card.md`` (shipped inside the package) — no trainer needed, so a card can be
+   rendered again, or from data gathered elsewhere;
+3. `write_distillation_model_card` writes it, on the main process, keeping the tags of a README already there.
+
+The card holds:
 
 * the teacher — Hub id (or local directory name), commit hash when it was loaded from the Hub, architecture — and
   both models' parameter counts and the compression ratio;
-* the loss: ``distillation_loss``, ``temperature``, ``alpha`` and, for ``"jsd"``, ``jsd_beta``;
+* the loss: ``distillation_loss`` (its formula and description from the divergence registry,
+  `hf_distill.get_distillation_loss`), ``temperature``, ``alpha`` and the divergence's options (``jsd_beta``);
 * student and teacher results side by side on the same evaluation set, every ``eval_*`` metric, computed by the same
-  `DistillationTrainer.evaluate` code;
+  `DistillationTrainer.evaluate` code (`DistillationTrainer.evaluate_teacher` for the teacher);
 * training data, hyperparameters and results, and framework versions (reusing `transformers.modelcard`, as
   `Trainer.create_model_card` does), the hf-distill version, intended use, and the BibTeX of Hinton et al. (2015).
 
@@ -37,51 +46,86 @@ meaning: the checkpoint the *student* was initialised from, if any (as `Trainer`
 from __future__ import annotations
 
 import dataclasses
-import contextlib
 import importlib.resources
-import inspect
 import os
 import platform
-import random
 import re
-import tempfile
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 from torch import nn
-from transformers import PreTrainedModel, Trainer
 from transformers.modelcard import TrainingSummary, make_markdown_table
 
 from . import __version__
-from .models import accepted_arguments
+from .divergences import DIVERGENCE_OPTIONS, get_distillation_loss
+from .evaluation import EVAL_TIMING_KEYS, evaluate_on_eval_set
+from .teachers import EnsembleTeacher, ensemble_members
+
+
+if TYPE_CHECKING:
+    from .trainer import DistillationTrainer
 
 
 TEMPLATE_PATH = importlib.resources.files("hf_distill") / "model_cards" / "distillation_model_card.md"
 DISTILLATION_TAGS = ("knowledge-distillation", "hf-distill")
-# Throughput figures of an evaluation, which say nothing about the model.
-_EVAL_TIMING_KEYS = ("runtime", "samples_per_second", "steps_per_second", "model_preparation_time")
+# How the loss table names a divergence option (`hf_distill.divergences.DIVERGENCE_OPTIONS`); others by their name.
+_OPTION_LABELS = {"jsd_beta": "jsd_beta (β)"}
 
-_OBJECTIVES = {
-    "kl": "alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · label_loss",
-    "reverse_kl": "alpha · T² · KL(student_T ‖ teacher_T) + (1 − alpha) · label_loss",
-    "jsd": "alpha · T² · JSD_β(teacher_T, student_T) + (1 − alpha) · label_loss",
-    "mse": "alpha · ½ · mean_i (z̃_i − ṽ_i)² + (1 − alpha) · label_loss",
-}
-_LOSS_DESCRIPTIONS = {
-    "kl": "forward KL(teacher_T ‖ student_T), Hinton et al.'s soft-target loss",
-    "reverse_kl": "reverse KL(student_T ‖ teacher_T), mode seeking",
-    "jsd": "generalized Jensen–Shannon divergence, mixture m = β·teacher_T + (1 − β)·student_T",
-    "mse": "logit matching: mean squared difference of the zero-centred student (z̃) and teacher (ṽ) logits, the "
-    "paper's high-temperature limit (does not depend on T)",
-}
 
-# Teacher results per trainer and evaluation set: the teacher is frozen, so one evaluation serves every card.
-_TEACHER_RESULTS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+@dataclasses.dataclass
+class DistillationCardData:
+    """Everything the distillation card says, as plain values (`dataclasses.asdict` gives a JSON-like dict).
+
+    `distillation_card_data` fills it from a trainer; `render_distillation_model_card` renders it without one.
+
+    Attributes:
+        model_name: the student's name (the card's title).
+        lineage: the teacher, as `describe_teacher` returns it (``teacher_architecture`` at least).
+        loss_settings: ``loss``, ``temperature``, ``alpha``, the divergence's options (``jsd_beta``), schedules
+            (``temperature_schedule``/``temperature_end``, same for alpha), ``ensemble_reduction``, ``teacher_top_k``;
+            the card's metadata and hyperparameters list them all.
+        loss_formula, loss_description: the divergence's (`hf_distill.Divergence.formula` and ``.description``).
+        student_architecture: the student's class name.
+        student_parameters, teacher_parameters: parameter counts (None when unknown: a teacher known by its outputs).
+        metadata: the card's metadata as `transformers.modelcard.TrainingSummary.create_metadata` builds it (tags,
+            datasets, model-index...); the ``distillation:`` key is added when rendering.
+        base_model: the checkpoint the student was initialised from, if any.
+        task: the task's name, when a single one is known.
+        train_data, eval_data: one dict per dataset: ``key`` (its name in a dict of datasets, else None), ``name``,
+            ``split``, ``num_examples`` (None when streamed) and ``columns``.
+        student_results, teacher_results: ``eval_*`` metrics, as `evaluate()` names them.
+        results_source: where the results come from, or why there are none.
+        hyperparameters: the training hyperparameters, as `Trainer`'s card lists them (the loss settings are added).
+        training_results: the rows of the training-results table (one dict per logged evaluation).
+        framework_versions: {library: version}.
+        hf_distill_version: the version that trained the student.
+    """
+
+    model_name: str
+    lineage: dict[str, Any]
+    loss_settings: dict[str, Any]
+    loss_formula: str
+    loss_description: str
+    student_architecture: str
+    student_parameters: int | None = None
+    teacher_parameters: int | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    base_model: str | None = None
+    task: str | None = None
+    train_data: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    eval_data: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    student_results: dict[str, float] = dataclasses.field(default_factory=dict)
+    teacher_results: dict[str, float] = dataclasses.field(default_factory=dict)
+    results_source: str = "no evaluation set"
+    hyperparameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    training_results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    framework_versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    hf_distill_version: str = __version__
+
+
+# ---- collecting the card's data from a trainer ----
 
 
 def count_parameters(model: nn.Module | None) -> int | None:
@@ -93,8 +137,7 @@ def _cached_commit(repo_id: str, from_pretrained_kwargs: Mapping[str, Any]) -> s
     """The commit `repo_id` was loaded at, read offline from the local Hub cache, or None.
 
     Loading resolves the requested revision (default: main) to a commit, records that in the cache's ``refs/`` and
-    reads the files from ``snapshots/<commit>/`` — so the snapshot holding the config names the commit. (Older
-    transformers versions kept it as ``config._commit_hash``, checked first.)
+    reads the files from ``snapshots/<commit>/`` — so the snapshot holding the config names the commit.
     """
     try:
         path = try_to_load_from_cache(
@@ -111,6 +154,21 @@ def _cached_commit(repo_id: str, from_pretrained_kwargs: Mapping[str, Any]) -> s
     return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
 
 
+def _local_name(path: str) -> str:
+    # The last component only: the card is published, and a full path may say something about the author's machine.
+    return os.path.basename(os.path.normpath(path))
+
+
+def _with_members(lineage: dict[str, Any], members: list[dict[str, Any]]) -> dict[str, Any]:
+    """`lineage` of a teacher made of `members`: named by their names joined with " + ", listed when several."""
+    names = [member.get("teacher", member.get("teacher_architecture", "?")) for member in members]
+    if names:
+        lineage["teacher"] = " + ".join(names)
+    if len(members) > 1:
+        lineage["teachers"] = members
+    return lineage
+
+
 def describe_teacher(
     teacher: nn.Module | None,
     teacher_model_init_kwargs: Mapping[str, Any] | None = None,
@@ -122,41 +180,27 @@ def describe_teacher(
 
     An ensemble is described member by member (``teachers``) and named by its members joined with " + ". A teacher
     known only by cached outputs (`precompute_teacher_logits`, no teacher model given) is named from the cache's
-    metadata, with ``teacher_source: cached outputs``.
-
-    A local path is reduced to its last component: the card is published, and the full path says nothing to a reader
-    but may say something about the author's machine.
+    metadata, with ``teacher_source: cached outputs``. A local path is reduced to its last component.
     """
-    members = getattr(teacher, "teachers", None)  # an `EnsembleTeacher`
-    if teacher is None or members is not None:
-        if teacher is None:
-            described = [{"teacher": os.path.basename(os.path.normpath(t["name"]))} for t in
-                         (cache_metadata or {}).get("teachers", [])]
-            lineage = {"teacher_source": "cached outputs", "teacher_architecture": "unknown (cached outputs)"}
-        else:
-            described = [describe_teacher(member, teacher_model_init_kwargs) for member in members]
-            lineage = {"teacher_architecture": f"ensemble of {len(described)}: " + ", ".join(
-                d["teacher_architecture"] for d in described)}
-        names = [d.get("teacher", d.get("teacher_architecture", "?")) for d in described]
-        if names:
-            lineage["teacher"] = " + ".join(names)
-        if len(described) > 1:
-            lineage["teachers"] = described
-        return lineage
+    if teacher is None:
+        members = [{"teacher": _local_name(t["name"])} for t in (cache_metadata or {}).get("teachers", [])]
+        lineage = {"teacher_source": "cached outputs", "teacher_architecture": "unknown (cached outputs)"}
+        return _with_members(lineage, members)
+    if isinstance(teacher, EnsembleTeacher):
+        members = [describe_teacher(member, teacher_model_init_kwargs) for member in ensemble_members(teacher)]
+        architectures = ", ".join(member["teacher_architecture"] for member in members)
+        return _with_members({"teacher_architecture": f"ensemble of {len(members)}: {architectures}"}, members)
+
     config = getattr(teacher, "config", None)
-    name_or_path = getattr(config, "_name_or_path", None) or getattr(teacher, "name_or_path", None) or ""
+    name_or_path = getattr(config, "name_or_path", None) or getattr(teacher, "name_or_path", None) or ""
     lineage: dict[str, Any] = {}
-    if name_or_path:
-        if os.path.isdir(name_or_path):
-            lineage["teacher"] = os.path.basename(os.path.normpath(name_or_path))
-            lineage["teacher_source"] = "local"
-        else:
-            lineage["teacher"] = name_or_path
-            revision = getattr(config, "_commit_hash", None) or _cached_commit(
-                name_or_path, teacher_model_init_kwargs or {}
-            )
-            if revision:
-                lineage["teacher_revision"] = revision
+    if name_or_path and os.path.isdir(name_or_path):
+        lineage.update(teacher=_local_name(name_or_path), teacher_source="local")
+    elif name_or_path:
+        lineage["teacher"] = name_or_path
+        revision = _cached_commit(name_or_path, teacher_model_init_kwargs or {})
+        if revision:
+            lineage["teacher_revision"] = revision
     architectures = getattr(config, "architectures", None)
     lineage["teacher_architecture"] = architectures[0] if architectures else type(teacher).__name__
     return lineage
@@ -179,101 +223,21 @@ def latest_eval_results(log_history: list[dict[str, Any]]) -> tuple[dict[str, fl
                 {
                     key: value
                     for key, value in entry.items()
-                    if key.startswith("eval_") and not key.endswith(_EVAL_TIMING_KEYS)
+                    if key.startswith("eval_") and not key.endswith(EVAL_TIMING_KEYS)
                 }
             )
     return results, step
 
 
-def _silent_copy_of_args(args, output_dir: str):
-    """`trainer.args` for a side evaluation: same batch size, precision, collation and seeds; no logging, reporting,
-    saving or pushing, so it leaves no trace in the trainer's state, callbacks or `output_dir`."""
-    return dataclasses.replace(
-        args,
-        output_dir=output_dir,
-        report_to="none",
-        push_to_hub=False,
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        load_best_model_at_end=False,
-        disable_tqdm=True,
-    )
-
-
-class _AsTrainerModel(nn.Module):
-    """A plain-module teacher seen as a model `Trainer` can evaluate: its bare logits tensor returned as
-    ``{"logits": ...}`` (Trainer's prediction step would slice a bare tensor as if it were a tuple of outputs), and
-    only the inputs its `forward` takes passed on (the trainer hands a student every column, labels included)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        accepted = accepted_arguments(model)
-
-        def forward(**inputs):
-            if accepted is not None:
-                inputs = {key: value for key, value in inputs.items() if key in accepted}
-            outputs = model(**inputs)
-            return {"logits": outputs} if isinstance(outputs, torch.Tensor) else outputs
-
-        # Trainer keeps the dataset columns that `forward`'s signature names: show it the wrapped model's.
-        forward.__signature__ = inspect.signature(model.forward)
-        self.forward = forward
-
-
-@contextlib.contextmanager
-def _random_state_preserved():
-    """`Trainer.__init__` reseeds Python's, NumPy's and torch's generators (`set_seed(args.seed)`): a card written in
-    the middle of a run must not change the run's random stream."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=cuda_devices):
-        yield
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
-
-
-def evaluate_on_eval_set(trainer: Trainer, model: nn.Module) -> dict[str, float]:
-    """``evaluate()`` `model` in the place of `trainer`'s student — same evaluation set(s), collator, metrics,
-    teacher and evaluation code — without touching `trainer`. Returns the ``eval_*`` metrics, timing dropped.
-
-    Used for the teacher (a `DistillationTrainer` whose student *is* the teacher: every metric, including the
-    distillation ones, is computed exactly as for the student) and for a student whose latest evaluation predates its
-    final weights.
-    """
-    eval_datasets = trainer.eval_dataset if isinstance(trainer.eval_dataset, Mapping) else {None: trainer.eval_dataset}
-    with tempfile.TemporaryDirectory(prefix="hf-distill-card-eval-") as scratch, _random_state_preserved():
-        side_trainer = type(trainer)(
-            model=model if isinstance(model, PreTrainedModel) else _AsTrainerModel(model),
-            teacher_model=trainer.teacher_model,
-            args=_silent_copy_of_args(trainer.args, scratch),
-            data_collator=trainer.data_collator,
-            processing_class=trainer.processing_class,
-            compute_metrics=trainer.compute_metrics,
-            preprocess_logits_for_metrics=trainer.preprocess_logits_for_metrics,
-            compute_loss_func=trainer.compute_loss_func,
-        )
-        # Its default callbacks would print this side evaluation's metrics as if they were the run's.
-        side_trainer.callback_handler.callbacks = []
-        # Trainer infers label names from the model's `forward`; keep the student's so both are scored on the same.
-        side_trainer.label_names = trainer.label_names
-        results = {}
-        for name, dataset in eval_datasets.items():
-            prefix = "eval" if name is None else f"eval_{name}"
-            results.update(side_trainer.evaluate(dataset, metric_key_prefix=prefix))
-    return {key: value for key, value in results.items() if not key.endswith(_EVAL_TIMING_KEYS) and key != "epoch"}
-
-
 def student_and_teacher_results(
-    trainer: Trainer, teacher_eval_results: Mapping[str, float] | None = None
+    trainer: DistillationTrainer, teacher_eval_results: Mapping[str, float] | None = None
 ) -> tuple[dict[str, float], dict[str, float], str]:
     """Student and teacher ``eval_*`` metrics on the trainer's evaluation set, and a note on where they come from.
 
     Student: its latest evaluation in `trainer.state.log_history` when that was at the final step; otherwise (never
-    evaluated, or trained further since) it is evaluated now, in single-process runs. Teacher: `teacher_eval_results` when given (keys as
-    `evaluate()` returns them), otherwise evaluated once per trainer and evaluation set and cached. Both empty when
-    the trainer has no evaluation set.
+    evaluated, or trained further since) it is evaluated now, in single-process runs. Teacher: `teacher_eval_results`
+    when given (keys as `evaluate()` returns them), otherwise `trainer.evaluate_teacher()` (evaluated once per
+    evaluation set, then cached). Both empty when the trainer has no evaluation set.
     """
     if trainer.eval_dataset is None:
         return {}, {}, "no evaluation set"
@@ -296,13 +260,163 @@ def student_and_teacher_results(
         teacher_results = {}
         source = "the teacher is not evaluated in distributed or DeepSpeed/FSDP runs; pass `teacher_eval_results`"
     else:
-        cache = _TEACHER_RESULTS_CACHE.setdefault(trainer, {})
-        key = id(trainer.eval_dataset)
-        if key not in cache:
-            cache[key] = evaluate_on_eval_set(trainer, trainer.teacher_model)
-        teacher_results = cache[key]
+        teacher_results = trainer.evaluate_teacher()
         source = "`DistillationTrainer.evaluate`, with the teacher in the student's place for its column"
     return student_results, teacher_results, source
+
+
+def _loss_settings(args, teacher: nn.Module | None, cache_metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The distillation settings the card records: the loss, T and alpha (their start values, then how a schedule
+    moved them), the divergence's options, and how an ensemble's or a cache's teacher outputs were combined."""
+    settings: dict[str, Any] = {"loss": args.distillation_loss, "temperature": args.temperature, "alpha": args.alpha}
+    settings.update(
+        {option: getattr(args, option) for option in get_distillation_loss(args.distillation_loss).options}
+    )
+    for name in ("temperature", "alpha"):
+        if getattr(args, f"{name}_schedule") != "constant":
+            settings[f"{name}_schedule"] = getattr(args, f"{name}_schedule")
+            settings[f"{name}_end"] = getattr(args, f"{name}_end")
+    if isinstance(teacher, EnsembleTeacher) or len((cache_metadata or {}).get("teachers", [])) > 1:
+        settings["ensemble_reduction"] = args.ensemble_reduction
+    if cache_metadata and cache_metadata.get("top_k"):
+        settings["teacher_top_k"] = cache_metadata["top_k"]
+    return settings
+
+
+def _dataset_entry(dataset: Any, name: str | None, key: str | None = None) -> dict[str, Any]:
+    """A dataset as plain values (see `DistillationCardData.train_data`)."""
+    try:
+        num_examples = len(dataset)
+    except TypeError:  # an iterable dataset
+        num_examples = None
+    split = getattr(dataset, "split", None)
+    return {
+        "key": key,
+        "name": name,
+        "split": None if split is None else str(split),
+        "num_examples": num_examples,
+        "columns": list(getattr(dataset, "column_names", None) or []),
+    }
+
+
+def _dataset_entries(dataset: Any, name: str | None) -> list[dict[str, Any]]:
+    """One `_dataset_entry` per dataset: none for no dataset, one per entry of a dict of datasets."""
+    if dataset is None:
+        return []
+    if isinstance(dataset, Mapping):
+        return [_dataset_entry(value, None, key) for key, value in dataset.items() if value is not None]
+    return [_dataset_entry(dataset, name)]
+
+
+def _framework_versions() -> dict[str, str]:
+    import accelerate
+    import huggingface_hub
+    import torch
+    import transformers
+
+    versions = {
+        "hf-distill": __version__,
+        "Transformers": transformers.__version__,
+        "PyTorch": torch.__version__,
+        "Accelerate": accelerate.__version__,
+        "huggingface_hub": huggingface_hub.__version__,
+    }
+    try:
+        import datasets
+
+        versions["Datasets"] = datasets.__version__
+    except ImportError:
+        pass
+    versions["Python"] = platform.python_version()
+    return versions
+
+
+def _student_base_model(student: nn.Module) -> str:
+    """The Hub checkpoint the student was initialised from ('' if built from a config, or loaded from disk), as
+    `TrainingSummary.from_trainer` infers `finetuned_from` — done here because it assumes a `config`."""
+    name_or_path = getattr(getattr(student, "config", None), "name_or_path", "") or ""
+    return "" if os.path.isdir(name_or_path) else name_or_path
+
+
+def _training_summary(
+    trainer: DistillationTrainer,
+    student: nn.Module,
+    student_results: Mapping[str, float],
+    tags: str | list[str] | None = None,
+    finetuned_from: str | None = None,
+    **kwargs,
+) -> TrainingSummary:
+    """`Trainer`'s own card summary (task, datasets, hyperparameters, training results, metadata), with the
+    distillation tags, and a model-index of the student's final results. `finetuned_from` is given explicitly (""
+    for none) for a student that may not be a `PreTrainedModel`: its inference assumes a `config`."""
+    tags = [tags] if isinstance(tags, str) else list(tags or [])
+    summary = TrainingSummary.from_trainer(
+        trainer,
+        tags=tags + [tag for tag in DISTILLATION_TAGS if tag not in tags],
+        finetuned_from=finetuned_from if finetuned_from is not None else _student_base_model(student),
+        **kwargs,
+    )
+    # `from_trainer` records a dataset's config and split even when it has none (as "None"); keep only real ones.
+    summary.dataset_metadata = [
+        {key: value for key, value in entry.items() if value not in (None, "None")}
+        for entry in summary.dataset_metadata or []
+    ] or None
+    # The model-index reports the student's final results, named as Trainer names them ("eval_accuracy" -> "Accuracy").
+    summary.eval_results = {
+        " ".join(part.capitalize() for part in key.removeprefix("eval_").split("_")): value
+        for key, value in student_results.items()
+    } or None
+    return summary
+
+
+def distillation_card_data(
+    trainer: DistillationTrainer,
+    *,
+    teacher_eval_results: Mapping[str, float] | None = None,
+    **create_model_card_kwargs,
+) -> DistillationCardData:
+    """What the distillation card of `trainer`'s student says, read from the trainer (evaluating the teacher, and the
+    student when its latest evaluation predates its final weights).
+
+    Args:
+        trainer: the `DistillationTrainer`.
+        teacher_eval_results: the teacher's ``eval_*`` metrics on the trainer's evaluation set, to skip evaluating it
+            (e.g. in a distributed run, where the card is built on one process).
+        create_model_card_kwargs: the other arguments of `Trainer.create_model_card` (``language``, ``license``,
+            ``tags``, ``model_name``, ``finetuned_from``, ``tasks``, ``dataset_tags``, ``dataset``, ``dataset_args``);
+            ``finetuned_from`` is the checkpoint the *student* started from, the card's ``base_model``, never the
+            teacher.
+    """
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    teacher, args, cache_metadata = trainer.teacher_model, trainer.args, trainer.teacher_cache_metadata
+    student_results, teacher_results, results_source = student_and_teacher_results(trainer, teacher_eval_results)
+    summary = _training_summary(trainer, student, student_results, **create_model_card_kwargs)
+    divergence = get_distillation_loss(args.distillation_loss)
+    dataset_name = summary.dataset if isinstance(summary.dataset, str) else None
+    return DistillationCardData(
+        model_name=summary.model_name,
+        lineage=describe_teacher(teacher, args.teacher_model_init_kwargs, cache_metadata),
+        loss_settings=_loss_settings(args, teacher, cache_metadata),
+        loss_formula=divergence.formula,
+        loss_description=divergence.description,
+        student_architecture=type(student).__name__,
+        student_parameters=count_parameters(student),
+        teacher_parameters=count_parameters(teacher),
+        metadata=summary.create_metadata(),
+        base_model=summary.finetuned_from or None,
+        task=summary.tasks if isinstance(summary.tasks, str) else None,
+        train_data=_dataset_entries(trainer.train_dataset, dataset_name),
+        eval_data=_dataset_entries(trainer.eval_dataset, dataset_name),
+        student_results=student_results,
+        teacher_results=teacher_results,
+        results_source=results_source,
+        hyperparameters=dict(summary.hyperparameters),
+        training_results=list(summary.eval_lines or []),
+        framework_versions=_framework_versions(),
+    )
+
+
+# ---- rendering: data -> card, no trainer ----
 
 
 def _format_metric(value: Any) -> str:
@@ -323,10 +437,6 @@ def _results_table(student: Mapping[str, float], teacher: Mapping[str, float]) -
     return make_markdown_table(rows)
 
 
-def _key_value_table(header: tuple[str, str], items: Mapping[str, Any]) -> str:
-    return make_markdown_table([{header[0]: key, header[1]: value} for key, value in items.items()])
-
-
 def _human_count(count: int) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= scale:
@@ -334,7 +444,16 @@ def _human_count(count: int) -> str:
     return str(count)
 
 
-def _size_comparison(teacher_parameters: int, student_parameters: int) -> str:
+def _parameters_cell(count: int | None) -> str:
+    return f"{count:,} ({_human_count(count)})" if count else "—"
+
+
+def _compression_ratio(data: DistillationCardData) -> float | None:
+    teacher, student = data.teacher_parameters, data.student_parameters
+    return round(teacher / student, 2) if student and teacher else None
+
+
+def _size_comparison(teacher_parameters: int | None, student_parameters: int | None) -> str:
     if not student_parameters or not teacher_parameters:
         return ""
     if teacher_parameters >= student_parameters:
@@ -342,206 +461,124 @@ def _size_comparison(teacher_parameters: int, student_parameters: int) -> str:
     return f"It has **{student_parameters / teacher_parameters:.2f}× more parameters** than its teacher."
 
 
-def _describe_dataset(dataset: Any, name: str | None) -> str:
-    if dataset is None:
-        return "none"
-    if isinstance(dataset, Mapping):
-        return "; ".join(f"`{key}`: {_describe_dataset(value, None)}" for key, value in dataset.items())
-    parts = [f"`{name}`"] if name else []
-    split = getattr(dataset, "split", None)
-    if split is not None:
-        parts.append(f"split `{split}`")
-    try:
-        parts.append(f"{len(dataset):,} examples")
-    except TypeError:  # an iterable dataset
-        parts.append("streamed")
-    columns = getattr(dataset, "column_names", None)
-    if columns:
-        parts.append("columns " + ", ".join(f"`{column}`" for column in columns))
-    return ", ".join(parts)
+def _describe_datasets(entries: list[Mapping[str, Any]]) -> str:
+    """'`name`, split `train`, 1,000 examples, columns ...' per dataset; a dict's entries prefixed by their key."""
+    descriptions = []
+    for entry in entries:
+        parts = [f"`{entry['name']}`"] if entry.get("name") else []
+        if entry.get("split") is not None:
+            parts.append(f"split `{entry['split']}`")
+        num_examples = entry.get("num_examples")
+        parts.append("streamed" if num_examples is None else f"{num_examples:,} examples")
+        if entry.get("columns"):
+            parts.append("columns " + ", ".join(f"`{column}`" for column in entry["columns"]))
+        key = entry.get("key")
+        descriptions.append(", ".join(parts) if key is None else f"`{key}`: " + ", ".join(parts))
+    return "; ".join(descriptions) or "none"
 
 
-def _framework_versions() -> str:
-    import accelerate
-    import huggingface_hub
-    import torch
-    import transformers
-
-    versions = {
-        "hf-distill": __version__,
-        "Transformers": transformers.__version__,
-        "PyTorch": torch.__version__,
-        "Accelerate": accelerate.__version__,
-        "huggingface_hub": huggingface_hub.__version__,
-    }
-    try:
-        import datasets
-
-        versions["Datasets"] = datasets.__version__
-    except ImportError:
-        pass
-    versions["Python"] = platform.python_version()
-    return "\n".join(f"- {name} {version}" for name, version in versions.items())
+def _eval_set_size(entries: list[Mapping[str, Any]]) -> int | None:
+    """The size of a single evaluation set (None for several, or a streamed one)."""
+    return entries[0].get("num_examples") if len(entries) == 1 and entries[0].get("key") is None else None
 
 
-def _student_base_model(student: nn.Module) -> str:
-    """The Hub checkpoint the student was initialised from ('' if built from a config, or loaded from disk), as
-    `TrainingSummary.from_trainer` infers `finetuned_from` — done here because it assumes a `config`."""
-    name_or_path = getattr(getattr(student, "config", None), "_name_or_path", "") or ""
-    return "" if os.path.isdir(name_or_path) else name_or_path
-
-
-def build_distillation_model_card(
-    trainer: Trainer,
-    *,
-    language: str | list[str] | None = None,
-    license: str | None = None,
-    tags: str | list[str] | None = None,
-    model_name: str | None = None,
-    finetuned_from: str | None = None,
-    tasks: str | list[str] | None = None,
-    dataset_tags: str | list[str] | None = None,
-    dataset: str | list[str] | None = None,
-    dataset_args: str | list[str] | None = None,
-    teacher_eval_results: Mapping[str, float] | None = None,
-) -> ModelCard:
-    """The distillation model card of `trainer`'s student (a `DistillationTrainer`), as a `huggingface_hub.ModelCard`.
-
-    Arguments are those of `Trainer.create_model_card` (`finetuned_from` is the checkpoint the *student* started from,
-    the card's `base_model`; never the teacher), plus `teacher_eval_results`: the teacher's ``eval_*`` metrics on the
-    trainer's evaluation set, to skip evaluating it (e.g. in a distributed run, where the card is built on one process).
-    """
-    student = trainer.accelerator.unwrap_model(trainer.model)
-    teacher = trainer.teacher_model
-    args = trainer.args
-    tags = [tags] if isinstance(tags, str) else list(tags or [])
-    tags += [tag for tag in DISTILLATION_TAGS if tag not in tags]
-
-    # Trainer's own summary gives task, dataset, hyperparameter and training-results inference; `finetuned_from` is
-    # passed explicitly ("" for none) because its inference assumes the student has a `config`.
-    summary = TrainingSummary.from_trainer(
-        trainer,
-        language=language,
-        license=license,
-        tags=tags,
-        model_name=model_name,
-        finetuned_from=finetuned_from if finetuned_from is not None else _student_base_model(student),
-        tasks=tasks,
-        dataset_tags=dataset_tags,
-        dataset=dataset,
-        dataset_args=dataset_args,
-    )
-    # `from_trainer` records a dataset's config and split even when it has none (as "None"); keep only real ones.
-    summary.dataset_metadata = [
-        {key: value for key, value in entry.items() if value not in (None, "None")}
-        for entry in summary.dataset_metadata or []
-    ] or None
-    student_results, teacher_results, results_source = student_and_teacher_results(trainer, teacher_eval_results)
-    # The model-index reports the student's final results, named as Trainer names them ("eval_accuracy" -> "Accuracy").
-    summary.eval_results = {
-        " ".join(part.capitalize() for part in key.removeprefix("eval_").split("_")): value
-        for key, value in student_results.items()
-    } or None
-
-    student_parameters, teacher_parameters = count_parameters(student), count_parameters(teacher)
-    compression_ratio = (
-        round(teacher_parameters / student_parameters, 2) if student_parameters and teacher_parameters else None
-    )
-    cache_metadata = getattr(trainer, "teacher_cache_metadata", None)
-    lineage = describe_teacher(teacher, args.teacher_model_init_kwargs, cache_metadata)
-    loss_settings: dict[str, Any] = {
-        "loss": args.distillation_loss,
-        "temperature": args.temperature,
-        "alpha": args.alpha,
-    }
-    if args.distillation_loss == "jsd":
-        loss_settings["jsd_beta"] = args.jsd_beta
-    for name in ("temperature", "alpha"):  # schedules: the start value above, then how it moved
-        if getattr(args, f"{name}_schedule") != "constant":
-            loss_settings[f"{name}_schedule"] = getattr(args, f"{name}_schedule")
-            loss_settings[f"{name}_end"] = getattr(args, f"{name}_end")
-    if getattr(teacher, "teachers", None) is not None or len((cache_metadata or {}).get("teachers", [])) > 1:
-        loss_settings["ensemble_reduction"] = args.ensemble_reduction
-    if cache_metadata and cache_metadata.get("top_k"):
-        loss_settings["teacher_top_k"] = cache_metadata["top_k"]
+def _distillation_metadata(data: DistillationCardData) -> dict[str, Any]:
+    """The ``distillation:`` metadata: lineage, sizes, loss settings; unknown values left out."""
     distillation = {
-        **lineage,
-        "teacher_parameters": teacher_parameters,
-        "student_parameters": student_parameters,
-        "compression_ratio": compression_ratio,
-        **loss_settings,
+        **data.lineage,
+        "teacher_parameters": data.teacher_parameters,
+        "student_parameters": data.student_parameters,
+        "compression_ratio": _compression_ratio(data),
+        **data.loss_settings,
     }
-    metadata = summary.create_metadata()
-    metadata["distillation"] = {key: value for key, value in distillation.items() if value is not None}
-    card_data = ModelCardData(**metadata)
+    return {key: value for key, value in distillation.items() if value is not None}
 
-    teacher_name = lineage.get("teacher")
-    if teacher_name and lineage.get("teacher_source") != "local":
-        teacher_link = f"the teacher [{teacher_name}](https://huggingface.co/{teacher_name})"
-    elif teacher_name:
-        teacher_link = f"the teacher `{teacher_name}` (a local checkpoint)"
-    else:
-        teacher_link = f"a `{lineage['teacher_architecture']}` teacher"
+
+def _teacher_link(lineage: Mapping[str, Any]) -> str:
+    name = lineage.get("teacher")
+    if name and lineage.get("teacher_source") != "local":
+        return f"the teacher [{name}](https://huggingface.co/{name})"
+    if name:
+        return f"the teacher `{name}` (a local checkpoint)"
+    return f"a `{lineage.get('teacher_architecture', 'unknown')}` teacher"
+
+
+def _models_table(data: DistillationCardData) -> str:
+    lineage, teacher_name = data.lineage, data.lineage.get("teacher")
     models = {
-        "Model": (f"`{teacher_name}`" if teacher_name else "—", f"`{summary.model_name}`"),
-        "Architecture": (lineage["teacher_architecture"], type(student).__name__),
+        "Model": (f"`{teacher_name}`" if teacher_name else "—", f"`{data.model_name}`"),
+        "Architecture": (lineage.get("teacher_architecture", "—"), data.student_architecture),
         "Revision": (f"`{lineage['teacher_revision']}`" if "teacher_revision" in lineage else "—", "—"),
-        "Parameters": (
-            f"{teacher_parameters:,} ({_human_count(teacher_parameters)})" if teacher_parameters else "—",
-            f"{student_parameters:,} ({_human_count(student_parameters)})",
-        ),
+        "Parameters": (_parameters_cell(data.teacher_parameters), _parameters_cell(data.student_parameters)),
     }
-    models_table = make_markdown_table([{"": key, "Teacher": t, "Student": s} for key, (t, s) in models.items()])
+    table = make_markdown_table([{"": key, "Teacher": t, "Student": s} for key, (t, s) in models.items()])
+    compression_ratio = _compression_ratio(data)
     if compression_ratio is not None:
-        models_table += f"\nCompression ratio (teacher / student parameters): **{compression_ratio}×**\n"
-    loss_rows = {"distillation_loss": f"`{args.distillation_loss}`: {_LOSS_DESCRIPTIONS[args.distillation_loss]}"}
-    loss_rows["temperature (T)"] = args.temperature
-    loss_rows["alpha"] = f"{args.alpha} (label loss weight {round(1 - args.alpha, 6)})"
-    if args.distillation_loss == "jsd":
-        loss_rows["jsd_beta (β)"] = args.jsd_beta
+        table += f"\nCompression ratio (teacher / student parameters): **{compression_ratio}×**\n"
+    return table
 
-    task = summary.tasks if isinstance(summary.tasks, str) else None
-    dataset_name = summary.dataset if isinstance(summary.dataset, str) else None
-    hyperparameters = {**summary.hyperparameters, **{f"distillation_{key}": v for key, v in loss_settings.items()}}
+
+def _loss_table(data: DistillationCardData) -> str:
+    settings = data.loss_settings
+    rows = {
+        "distillation_loss": f"`{settings['loss']}`: {data.loss_description}",
+        "temperature (T)": settings["temperature"],
+        "alpha": f"{settings['alpha']} (label loss weight {round(1 - settings['alpha'], 6)})",
+    }
+    rows.update({_OPTION_LABELS.get(name, name): settings[name] for name in DIVERGENCE_OPTIONS if name in settings})
+    return make_markdown_table([{"Setting": key, "Value": value} for key, value in rows.items()])
+
+
+def render_distillation_model_card(data: DistillationCardData | Mapping[str, Any]) -> ModelCard:
+    """The card, rendered from `data` alone (a `DistillationCardData` or a dict of its fields) into the template
+    `TEMPLATE_PATH`: the same data always gives the same card, whatever trainer (if any) it came from."""
+    if isinstance(data, Mapping):
+        data = DistillationCardData(**data)
+    settings = data.loss_settings
+    task = f" ({data.task})" if data.task else ""
+    hyperparameters = {**data.hyperparameters, **{f"distillation_{key}": value for key, value in settings.items()}}
     return ModelCard.from_template(
-        card_data,
+        ModelCardData(**{**data.metadata, "distillation": _distillation_metadata(data)}),
         template_path=str(TEMPLATE_PATH),
-        model_name=summary.model_name,
-        teacher_link=teacher_link,
-        alpha=args.alpha,
-        size_comparison=_size_comparison(teacher_parameters, student_parameters),
-        hf_distill_version=__version__,
-        base_model=summary.finetuned_from or None,
-        models_table=models_table,
-        objective=_OBJECTIVES[args.distillation_loss],
-        loss_table=_key_value_table(("Setting", "Value"), loss_rows),
-        results_table=_results_table(student_results, teacher_results) if student_results else "",
-        results_source=results_source,
-        eval_set_size=_len_or_none(trainer.eval_dataset),
+        model_name=data.model_name,
+        teacher_link=_teacher_link(data.lineage),
+        alpha=settings["alpha"],
+        size_comparison=_size_comparison(data.teacher_parameters, data.student_parameters),
+        hf_distill_version=data.hf_distill_version,
+        base_model=data.base_model or None,
+        models_table=_models_table(data),
+        objective=f"alpha · {data.loss_formula} + (1 − alpha) · label_loss",
+        loss_table=_loss_table(data),
+        results_table=_results_table(data.student_results, data.teacher_results) if data.student_results else "",
+        results_source=data.results_source,
+        eval_set_size=_eval_set_size(data.eval_data),
         intended_use=(
-            f"A stand-in for its teacher on the teacher's task{f' ({task})' if task else ''}, for the same kind of "
-            "inputs. Compare the two columns above before replacing the teacher: check that the metrics that matter "
-            "for your use are close enough."
+            f"A stand-in for its teacher on the teacher's task{task}, for the same kind of inputs. Compare the two "
+            "columns above before replacing the teacher: check that the metrics that matter for your use are close "
+            "enough."
         ),
         data_description=(
-            f"Transfer (training) set: {_describe_dataset(trainer.train_dataset, dataset_name)}.\n\n"
-            f"Evaluation set: {_describe_dataset(trainer.eval_dataset, dataset_name)}."
+            f"Transfer (training) set: {_describe_datasets(data.train_data)}.\n\n"
+            f"Evaluation set: {_describe_datasets(data.eval_data)}."
         ),
         hyperparameters="The following hyperparameters were used during training:\n\n"
         + "\n".join(f"- {name}: {value}" for name, value in hyperparameters.items()),
-        training_results=make_markdown_table(summary.eval_lines) if summary.eval_lines else "",
-        framework_versions=_framework_versions(),
+        training_results=make_markdown_table(data.training_results) if data.training_results else "",
+        framework_versions="\n".join(f"- {name} {version}" for name, version in data.framework_versions.items()),
     )
 
 
-def _len_or_none(dataset: Any) -> int | None:
-    try:
-        return len(dataset) if dataset is not None and not isinstance(dataset, Mapping) else None
-    except TypeError:
-        return None
+# ---- building and writing ----
 
 
-def write_distillation_model_card(trainer: Trainer, **create_model_card_kwargs) -> ModelCard | None:
+def build_distillation_model_card(trainer: DistillationTrainer, **kwargs) -> ModelCard:
+    """The distillation model card of `trainer`'s student, as a `huggingface_hub.ModelCard`: its data collected
+    (`distillation_card_data`, which takes the same keyword arguments) and rendered (`render_distillation_model_card`).
+    """
+    return render_distillation_model_card(distillation_card_data(trainer, **kwargs))
+
+
+def write_distillation_model_card(trainer: DistillationTrainer, **create_model_card_kwargs) -> ModelCard | None:
     """Build the card (`build_distillation_model_card`) and write it to ``trainer.args.output_dir/README.md``, on the
     main process only, as `Trainer.create_model_card` does: tags of a README already there are kept, and a PEFT
     student's adapter card (written by its `save_pretrained`) gets PEFT's own metadata added back."""

@@ -24,6 +24,7 @@ from . import losses
 from .arguments import DistillationTrainingArguments
 from .chunked import chunked_distillation_loss
 from .distributed import needs_late_placement, place_teacher
+from .evaluation import cached_teacher_evaluation
 from .hub import push_errors_explained
 from .model_card import write_distillation_model_card
 from .models import accepted_arguments, counted_positions, is_encoder_decoder, is_token_level, logits_of, shifts_labels
@@ -379,11 +380,41 @@ class DistillationTrainer(Trainer):
 
     # ---- Hub ----
 
+    def evaluate_teacher(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """
+        Evaluate the teacher in the student's place, exactly as [`~Trainer.evaluate`] evaluates the student: same
+        evaluation set(s), collator, batch size, precision, `compute_metrics` and loss, so the two sets of results can
+        be compared key by key (the model card's student-vs-teacher table). The distillation metrics are computed too,
+        the teacher against itself: `loss_kd` is 0, `teacher_agreement` 1 and `loss` is `(1 - alpha) * loss_ce`.
+
+        The evaluation runs in a separate trainer: it logs, reports, prints and saves nothing, leaves this trainer's
+        state and the run's random number generators untouched, and can be called at any time (also mid-training,
+        from a callback). The teacher is frozen, so the results are computed once per evaluation set and metric
+        prefix, and returned from a cache afterwards.
+
+        Args:
+            eval_dataset (`Dataset`, `dict[str, Dataset]` or `str`, *optional*):
+                The evaluation set, as for [`~Trainer.evaluate`]: defaults to `self.eval_dataset`; a dict is evaluated
+                set by set with the set's name in the metric prefix; a name picks one of `self.eval_dataset`'s sets.
+            metric_key_prefix (`str`, *optional*, defaults to `"eval"`):
+                The prefix of the metric names ("eval_accuracy", "eval_loss_kd", ...).
+
+        Returns:
+            `dict[str, float]`: the teacher's metrics, named as [`~Trainer.evaluate`] names the student's, without the
+            throughput figures (runtime, samples per second), which a cached result would misreport.
+
+        Raises:
+            `ValueError`: when the trainer has no teacher model (it learns from cached teacher outputs only), or
+            neither `eval_dataset` nor `self.eval_dataset` is set.
+        """
+        return cached_teacher_evaluation(self, eval_dataset, metric_key_prefix)
+
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None, teacher_eval_results=None):
         """`Trainer.create_model_card`, writing the distillation card (`hf_distill.model_card`): teacher lineage, loss
-        settings, student vs teacher results. `teacher_eval_results` (the teacher's `eval_*` metrics on the eval set)
-        spares evaluating the teacher; `finetuned_from` is the student's starting checkpoint, never the teacher."""
+        settings, student vs teacher results (the teacher's from `evaluate_teacher`, or `teacher_eval_results`, its
+        `eval_*` metrics on the eval set, which spares evaluating it); `finetuned_from` is the student's starting
+        checkpoint, never the teacher."""
         write_distillation_model_card(
             self, language=language, license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from,
             tasks=tasks, dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args,
