@@ -166,8 +166,10 @@ class DistillationTrainer(Trainer):
 
         self._train_stats = _DistillationStats()
         self._eval_stats = _DistillationStats()
-        # Sticky device-side flag: set when teacher logits held NaN/inf; read only at points that sync anyway.
+        # Sticky device-side flags: set when teacher logits held NaN/inf, computed online or read from a cache (which
+        # no teacher weights are to blame for); read together, only at points that sync anyway.
         self._teacher_nonfinite = torch.zeros((), dtype=torch.bool, device=self.args.device)
+        self._cached_teacher_nonfinite = torch.zeros((), dtype=torch.bool, device=self.args.device)
 
     # ---- construction helpers ----
 
@@ -289,7 +291,11 @@ class DistillationTrainer(Trainer):
             signal = self._teacher_signal(student_logits, inputs, cached, mask, temperature)
             kd_sum = self._kd_sum(signal.student_logits, signal.teacher_logits, signal.mask, temperature)
             # One float32 reduction instead of an elementwise `isfinite` (NaN/inf anywhere make the sum non-finite).
-            self._teacher_nonfinite |= ~torch.isfinite(signal.teacher_logits.sum(dtype=torch.float32))
+            nonfinite = ~torch.isfinite(signal.teacher_logits.sum(dtype=torch.float32))
+            if cached:
+                self._cached_teacher_nonfinite |= nonfinite
+            else:
+                self._teacher_nonfinite |= nonfinite
             stats.update(kd_sum=kd_sum, kd_count=count)
             if not training:  # two argmaxes over [..., V]: an evaluation metric, not paid on every training step
                 stats.update(agree=signal.agreement(), agree_count=count)
@@ -348,11 +354,21 @@ class DistillationTrainer(Trainer):
     # ---- checks and reporting ----
 
     def _raise_if_teacher_nonfinite(self, where: str) -> None:
-        if bool(self._teacher_nonfinite):
-            raise ValueError(
+        online, cached = torch.stack([self._teacher_nonfinite, self._cached_teacher_nonfinite]).tolist()  # one sync
+        problems = []
+        if cached:
+            problems.append(
+                f"The cached teacher outputs (the dataset's `{TEACHER_LOGITS}` or `{TEACHER_TOPK_LOGPROBS}` column) "
+                f"hold NaN or inf {where}; no teacher ran for those batches. Recompute the cache with "
+                "`precompute_teacher_logits`, which refuses to store non-finite outputs and names the rows."
+            )
+        if online:
+            problems.append(
                 f"The teacher produced NaN or inf logits {where}. Check the teacher's weights and dtype (fp16 overflows "
                 "are common: load it in bfloat16 or float32 via `teacher_model_init_kwargs`) and the inputs of that step."
             )
+        if problems:
+            raise ValueError(" ".join(problems))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -2,28 +2,50 @@
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import pytest
 import torch
-from conftest import TASKS, bert_config, causal_lm_dataset, seeded, sequence_dataset
+from conftest import (
+    TASKS,
+    VOCAB_SIZE,
+    PlainLogitsTeacher,
+    bert_config,
+    causal_lm_dataset,
+    features_dataset,
+    seeded,
+    sequence_dataset,
+)
 from test_trainer import make_args, padding_collator
 from transformers import BertForSequenceClassification
 
 from hf_distill import DistillationTrainer, precompute_teacher_logits
-from hf_distill.teacher_cache import TEACHER_LOGITS, TEACHER_TOPK_IDS, TEACHER_TOPK_LOGPROBS, read_cache_metadata
+from hf_distill.teacher_cache import (
+    METADATA_KEY,
+    TEACHER_INPUT_HASH,
+    TEACHER_LOGITS,
+    TEACHER_TOPK_IDS,
+    TEACHER_TOPK_LOGPROBS,
+    read_cache_metadata,
+)
 
 
 def logged(trainer, key="loss"):
     return [h[key] for h in trainer.state.log_history if key in h and "eval_loss" not in h]
 
 
-def train(tmp_path, name, task, teacher, dataset, **overrides):
+def build(tmp_path, name, task, teacher, dataset, **overrides):
     student_factory = TASKS[task][0]
     collator = padding_collator() if task == "sequence_classification" else None
     args = make_args(tmp_path / name, **{"num_train_epochs": 3, "max_steps": -1, "per_device_train_batch_size": 8,
                                          "temperature": 3.0, "alpha": 0.6, **overrides})
-    trainer = DistillationTrainer(model=seeded(student_factory, 0), teacher_model=teacher, args=args,
-                                  train_dataset=dataset, data_collator=collator)
+    return DistillationTrainer(model=seeded(student_factory, 0), teacher_model=teacher, args=args,
+                               train_dataset=dataset, data_collator=collator)
+
+
+def train(tmp_path, name, task, teacher, dataset, **overrides):
+    trainer = build(tmp_path, name, task, teacher, dataset, **overrides)
     trainer.train()
     return trainer
 
@@ -125,3 +147,96 @@ def test_mismatched_caches_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="teacher_model"):
         DistillationTrainer(model=seeded(TASKS[task][0], 0), teacher_model=None, args=make_args(tmp_path),
                             train_dataset=sequence_dataset())
+
+
+def test_cache_of_another_ensemble_recipe_is_refused(tmp_path):
+    """The run (and its model card) must use the reduction and weights the cache was computed with."""
+    task = "sequence_classification"
+    teachers = [seeded(TASKS[task][1], 1), seeded(TASKS[task][1], 2)]
+    dataset = sequence_dataset(n=16)
+    geometric = precompute_teacher_logits(teachers, dataset, ensemble_reduction="mean_log_probs",
+                                          teacher_weights=[0.9, 0.1])
+    with pytest.raises(ValueError, match=r"ensemble_reduction='mean_log_probs', teacher_weights=\[0.9, 0.1\].*"
+                                         r"ensemble_reduction='mean_probs', teacher_weights=\[0.1, 0.9\].*"
+                                         r"precompute_teacher_logits"):
+        build(tmp_path, "recipe", task, None, geometric, ensemble_reduction="mean_probs", teacher_weights=[0.1, 0.9])
+    with pytest.raises(ValueError, match=r"teacher_weights=\[0.9, 0.1\].*teacher_weights=None"):
+        build(tmp_path, "weights", task, None, geometric, ensemble_reduction="mean_log_probs")
+    with pytest.raises(ValueError, match="ensemble_reduction"):  # with the teachers given too
+        build(tmp_path, "online", task, teachers, geometric, ensemble_reduction="mean_probs",
+              teacher_weights=[0.9, 0.1])
+    # Weights are compared normalised; no weights means uniform.
+    build(tmp_path, "scaled", task, None, geometric, ensemble_reduction="mean_log_probs", teacher_weights=[9, 1])
+    uniform = precompute_teacher_logits(teachers, dataset, temperature=3.0)
+    build(tmp_path, "uniform", task, None, uniform, teacher_weights=[2.0, 2.0])
+    # A single teacher's cache: the args' ensemble settings do not apply.
+    single = precompute_teacher_logits(teachers[0], dataset)
+    build(tmp_path, "single", task, None, single, ensemble_reduction="mean_log_probs")
+
+
+def retokenised(cached: datasets.Dataset, row: int) -> datasets.Dataset:
+    """`cached` with row `row` tokenised differently to the same length (same counted positions)."""
+
+    def change(example, index):
+        if index != row:
+            return {}
+        ids = [i % (VOCAB_SIZE - 1) + 1 for i in example["input_ids"]]
+        return {"input_ids": ids, "labels": [-100 if old == -100 else new for old, new in zip(example["labels"], ids)]}
+
+    return cached.map(change, with_indices=True)
+
+
+def test_stale_token_cache_after_retokenisation_is_refused(tmp_path, caplog):
+    teacher = seeded(TASKS["causal_lm"][1], 1)
+    dataset = causal_lm_dataset(n=16)
+    cached = precompute_teacher_logits(teacher, dataset, top_k=8, dtype="float32")
+    assert cached[TEACHER_INPUT_HASH] == precompute_teacher_logits(teacher, dataset, top_k=2)[TEACHER_INPUT_HASH]
+    stale = retokenised(cached, row=5)
+    with pytest.raises(ValueError, match=r"(?s)1 of 8 rows .*input_ids.* changed .*precompute_teacher_logits"):
+        train(tmp_path, "stale", "causal_lm", None, stale)
+    with pytest.raises(ValueError, match="changed"):  # evaluation checks its rows too
+        build(tmp_path, "eval", "causal_lm", None, cached).evaluate(stale)
+    # The column never reaches the student (whose forward would reject it), whatever remove_unused_columns says.
+    assert train(tmp_path, "fresh", "causal_lm", None, cached, remove_unused_columns=False, num_train_epochs=1)
+
+    # A cache written before rows were hashed: accepted, with a warning that stale rows go undetected.
+    old = stale.remove_columns(TEACHER_INPUT_HASH)
+    metadata = read_cache_metadata(old)
+    del metadata["input_hash"]
+    old.info.description = json.dumps({METADATA_KEY: metadata})
+    with caplog.at_level("WARNING", logger="hf_distill"):
+        build(tmp_path, "old", "causal_lm", None, old)
+    assert "cannot be detected" in caplog.text
+    # Rows without input_ids (feature vectors, images) are not hashed, and no warning is given for them.
+    caplog.clear()
+    features = precompute_teacher_logits(PlainLogitsTeacher(), features_dataset(n=16))
+    assert TEACHER_INPUT_HASH not in features.column_names
+    with caplog.at_level("WARNING", logger="hf_distill"):
+        DistillationTrainer(model=TASKS["plain_module"][0](), teacher_model=None, args=make_args(tmp_path),
+                            train_dataset=features)
+    assert "cannot be detected" not in caplog.text
+
+
+def test_nonfinite_teacher_outputs_are_not_cached():
+    teacher = PlainLogitsTeacher()
+    with torch.no_grad():
+        teacher.linear.weight.fill_(1.0), teacher.linear.bias.zero_()  # logits = the sum of the 8 features
+    dataset = features_dataset(n=16)
+    large = dataset.map(lambda row, i: {"features": [1e4] * 8} if i in (3, 11) else {}, with_indices=True)
+    with pytest.raises(ValueError, match=r"(?s)rows \[3, 11\].*overflow float16.*dtype=.float32."):
+        precompute_teacher_logits(teacher, large, batch_size=5)
+    stored = precompute_teacher_logits(teacher, large, dtype="float32")[TEACHER_LOGITS]
+    assert torch.isfinite(torch.tensor(stored)).all() and torch.tensor(stored).abs().max() > 65504
+    for top_k in (None, 2):
+        nan = dataset.map(lambda row, i: {"features": [float("nan")] * 8} if i == 7 else {}, with_indices=True)
+        with pytest.raises(ValueError, match=r"(?s)NaN or inf .*rows \[7\]"):
+            precompute_teacher_logits(teacher, nan, batch_size=5, top_k=top_k, dtype="float32")
+
+
+def test_nonfinite_cache_is_blamed_not_the_teacher(tmp_path):
+    teacher = seeded(TASKS["sequence_classification"][1], 1)
+    cached = precompute_teacher_logits(teacher, sequence_dataset(n=16), dtype="float32")
+    broken = cached.map(lambda row, i: {TEACHER_LOGITS: [float("inf")] * 3} if i == 2 else {}, with_indices=True)
+    with pytest.raises(ValueError, match=r"cached teacher outputs .* NaN or inf") as error:
+        train(tmp_path, "broken", "sequence_classification", None, broken)
+    assert "teacher_model_init_kwargs" not in str(error.value)
