@@ -9,6 +9,7 @@ silently somewhere in a run.
 | `TrainingArguments._VALID_DICT_FIELDS` | transformers | `teacher_model_init_kwargs` given as a JSON string on the command line is parsed into a dict, like `lr_scheduler_kwargs` | the list that `TrainingArguments.__post_init__` parses is the only hook for that |
 | `Trainer._set_signature_columns_if_needed` / `Trainer._signature_columns` | transformers | keep the cached teacher columns when Trainer drops the columns the student's `forward` does not take | the columns kept are decided only there (`remove_unused_columns` has no extension point) |
 | `Trainer.save_model(_internal_call=True)` | transformers | saving the student after a failed push without triggering another push | `save_model` pushes by itself when `push_to_hub=True` unless this flag is set |
+| `Trainer._prepare_inputs` | transformers | evaluation batches without labels, for which `DistillationTrainer.prediction_step` computes the KD terms itself, reach the device as in Trainer's own `prediction_step` | Trainer has no public method that prepares a batch (device placement, DeepSpeed dtype) |
 | `Accelerator._models` | accelerate | keep an FSDP-wrapped teacher out of the models `save_state` writes to checkpoints | `prepare_model` registers every model it wraps; there is no public way to wrap without registering |
 """
 
@@ -26,6 +27,11 @@ SIGNATURE_COLUMNS_HOOK = "_set_signature_columns_if_needed"
 def save_model_without_push(trainer) -> None:
     """`trainer.save_model()` without the push to the Hub it starts by itself when `push_to_hub=True`."""
     trainer.save_model(_internal_call=True)
+
+
+def prepare_inputs(trainer, inputs):
+    """`inputs` as `trainer.prediction_step` and `training_step` pass them to `compute_loss` (on the device)."""
+    return trainer._prepare_inputs(inputs)
 
 
 def forget_prepared_model(accelerator, model) -> None:

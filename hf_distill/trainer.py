@@ -5,19 +5,28 @@ The trainer only wires; the math lives in `hf_distill.losses`. Hooks overridden,
 * `compute_loss` — runs the teacher, mixes the distillation and label losses, records the unweighted terms;
 * `get_batch_samples` — counts the positions of the whole accumulated (and, in DDP, all-process) batch, so the loss is
   normalised once per optimizer step and gradient accumulation is exact;
-* `training_step` — names the step when the teacher produced NaN/inf;
-* `log` / `evaluation_loop` — add `loss_kd`, `loss_ce` and `teacher_agreement` next to Trainer's own keys.
+* `training_step` — names the step when the teacher produced NaN/inf, before that step's update;
+* `prediction_step` — evaluation batches without labels still get the KD terms (Trainer computes no loss for them);
+* `log` / `evaluation_loop` — add `loss_kd`, `loss_ce` and `teacher_agreement` next to Trainer's own keys;
+* `get_eval_dataloader` — refuses evaluation data that cannot be evaluated (empty, string labels, unverifiable cache);
+* `train` — `resume_from_checkpoint=True` resumes from the newest *complete* checkpoint.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_pt_utils import nested_detach
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from . import losses
@@ -28,6 +37,7 @@ from .evaluation import cached_teacher_evaluation
 from .hub import push_errors_explained
 from .model_card import write_distillation_model_card
 from .models import accepted_arguments, counted_positions, is_encoder_decoder, is_token_level, logits_of, shifts_labels
+from .private_apis import prepare_inputs
 from .teacher_cache import (
     TEACHER_COLUMNS,
     TEACHER_LOGITS,
@@ -89,6 +99,50 @@ class _DistillationStats:
         return metrics
 
 
+def _eval_datasets(eval_dataset) -> list:
+    """The evaluation datasets: one, or each of a dict of them."""
+    if eval_dataset is None:
+        return []
+    return list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
+
+
+def _teacher_columns(dataset) -> list[str]:
+    columns = getattr(dataset, "column_names", None) or []
+    return [column for column in TEACHER_COLUMNS if column in columns]
+
+
+def _check_cache_has_metadata(dataset, name: str) -> None:
+    """Cached teacher columns are used only with their metadata: which teacher made them, for which positions."""
+    columns = _teacher_columns(dataset)
+    if columns and read_cache_metadata(dataset) is None:
+        raise ValueError(
+            f"`{name}` carries cached teacher columns {columns} without their metadata (which teacher made them, for "
+            "which positions, top-k), so they cannot be checked against this run. An IterableDataset "
+            "(`to_iterable_dataset()`, streaming) or a dataset rebuilt from the columns drops it. Use the "
+            "`datasets.Dataset` that `precompute_teacher_logits` returned (`save_to_disk`/`load_from_disk` keep the "
+            "metadata), or remove the columns (`dataset.remove_columns(...)`) to run the teacher online."
+        )
+
+
+def _is_string_feature(feature) -> bool:
+    if getattr(feature, "dtype", None) in ("string", "large_string"):
+        return True
+    inner = getattr(feature, "feature", None)  # List / Sequence of labels (token level)
+    return inner is not None and _is_string_feature(inner)
+
+
+def _holds_strings(dataset, column: str) -> bool:
+    """Whether `column` of `dataset` holds strings: from its features, else from its first row."""
+    features = getattr(dataset, "features", None)
+    if features is not None:
+        return column in features and _is_string_feature(features[column])
+    try:
+        value = dataset[0][column]
+    except Exception:  # no such column, an iterable or exotic dataset: the collator will say
+        return False
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], str))
+
+
 class DistillationTrainer(Trainer):
     """[`~transformers.Trainer`] that trains `model` (the student) to match `teacher_model` (Hinton et al., 2015).
 
@@ -136,6 +190,7 @@ class DistillationTrainer(Trainer):
                 f" {type(args).__name__}; build it with `DistillationTrainingArguments(...)` and the same fields."
             )
         self.teacher_cache_metadata = read_cache_metadata(kwargs.get("train_dataset"))
+        _check_cache_has_metadata(kwargs.get("train_dataset"), "train_dataset")
         if teacher_model is None and self.teacher_cache_metadata is None:
             raise ValueError(
                 "DistillationTrainer needs a `teacher_model` (a model, an nn.Module returning logits, a path/Hub id, or a"
@@ -157,7 +212,11 @@ class DistillationTrainer(Trainer):
         tokenizer_size = len(self.processing_class) if hasattr(self.processing_class, "__len__") else None
         self._kd_vocab_size = check_output_sizes(student, self.teacher_model, shift_labels=self._shift_labels,
                                                  tokenizer_size=tokenizer_size)
+        self._check_dataset(self.train_dataset, "train_dataset")
+        for eval_dataset in _eval_datasets(self.eval_dataset):
+            self._check_dataset(eval_dataset, "eval_dataset")
         self._check_labels_available()
+        self._check_metric_for_best_model()
         check_cache_matches_run(self.train_dataset, self.args, self.teacher_model)
 
         # Cached teacher columns are batched by this wrapper, whatever the collator (see `_set_signature_columns_...`).
@@ -170,6 +229,8 @@ class DistillationTrainer(Trainer):
         # no teacher weights are to blame for); read together, only at points that sync anyway.
         self._teacher_nonfinite = torch.zeros((), dtype=torch.bool, device=self.args.device)
         self._cached_teacher_nonfinite = torch.zeros((), dtype=torch.bool, device=self.args.device)
+        # Set by `evaluation_loop`: evaluate() runs the teacher on batches without labels, predict() does not.
+        self._distill_unlabeled = False
 
     # ---- construction helpers ----
 
@@ -190,6 +251,60 @@ class DistillationTrainer(Trainer):
                 f"alpha={self.args.alpha} gives the label loss a weight of {1 - self.args.alpha:g}, but the training "
                 f"dataset has no label column (columns: {sorted(columns)}). Add labels, or set alpha=1.0 to train on "
                 "the teacher's soft targets alone."
+            )
+
+    def _label_columns(self) -> set[str]:
+        return set(self.label_names) | {"label", "label_ids"}
+
+    def _check_dataset(self, dataset, name: str) -> None:
+        """Refuse a dataset that cannot be trained or evaluated on, saying why, before any step is spent on it."""
+        if dataset is None:
+            return
+        try:
+            empty = len(dataset) == 0
+        except TypeError:  # iterable: an empty evaluation set is reported by `evaluation_loop`
+            empty = False
+        if empty:
+            task = "train" if name == "train_dataset" else "evaluate"
+            raise ValueError(
+                f"`{name}` is empty (0 rows): there is nothing to {task} on. Check the filtering or `select` that "
+                "produced it, and pass a dataset with at least one row."
+            )
+        for column in sorted(self._label_columns()):
+            if _holds_strings(dataset, column):
+                raise ValueError(
+                    f"`{name}`: its label column '{column}' holds strings; the losses need integer class ids (or "
+                    f"token ids). Encode it first, e.g. `dataset.class_encode_column('{column}')` or a map through "
+                    "the student's `config.label2id`."
+                )
+        _check_cache_has_metadata(dataset, name)
+
+    def _check_metric_for_best_model(self) -> None:
+        """A `metric_for_best_model` that evaluation can never report fails now, not after the training it selects."""
+        metric = self.args.metric_for_best_model
+        if metric is None or self.eval_dataset is None:
+            return
+        reported = metric.removeprefix("eval_")
+        named = self.eval_dataset.items() if isinstance(self.eval_dataset, dict) else [(None, self.eval_dataset)]
+        for name, dataset in named:
+            key = reported
+            if name is not None:  # Trainer reports `eval_{name}_...` for each dataset of a dict
+                if not key.startswith(f"{name}_"):
+                    continue
+                key = key[len(name) + 1:]
+            columns = getattr(dataset, "column_names", None)
+            no_teacher = self.teacher_model is None and not _teacher_columns(dataset)
+            if key in ("loss_kd", "teacher_agreement") and no_teacher:
+                reason = ("there is no `teacher_model` to run on the eval_dataset and it carries no cached teacher "
+                          "outputs. Pass the teacher, evaluate on a dataset from `precompute_teacher_logits`")
+            elif key == "loss_ce" and columns is not None and not self._label_columns() & set(columns):
+                reason = ("the eval_dataset has no label column (columns: "
+                          f"{sorted(columns)}). Add labels to it, choose 'loss_kd' or 'loss'")
+            else:
+                continue
+            raise ValueError(
+                f"metric_for_best_model={metric!r} can never be reported by evaluation: {reason}, or choose another "
+                "metric_for_best_model."
             )
 
     def _set_signature_columns_if_needed(self):  # a private Trainer hook: see `hf_distill.private_apis`
@@ -264,13 +379,13 @@ class DistillationTrainer(Trainer):
         inputs = {key: value for key, value in inputs.items() if key not in TEACHER_COLUMNS}
         mask = self._counted_positions(inputs)
         labels = inputs.get("labels")
-        if labels is None and alpha < 1.0:
+        training = model.training
+        if labels is None and alpha < 1.0 and training:
             raise ValueError(
                 f"alpha={alpha} needs labels for the label loss, but this batch has none. Add a 'labels' column, or set "
                 "alpha=1.0 to train on the teacher's soft targets alone."
             )
 
-        training = model.training
         # alpha = 0 trains on labels alone (no teacher pass). Evaluation reports both terms whatever alpha; a trainer
         # that has only cached teacher outputs evaluates/predicts on other data without the KD term.
         use_kd = (alpha > 0 or not training) and (training or bool(cached) or self.teacher_model is not None)
@@ -301,23 +416,28 @@ class DistillationTrainer(Trainer):
                 stats.update(agree=signal.agreement(), agree_count=count)
         if need_label:
             label_mean = self._label_loss(outputs, student_logits, labels)
-            label_sum = label_mean * count  # the student's loss is a mean over exactly these positions
+            # The student's loss is a mean over exactly these positions. Over none (a micro-batch of SFT rows that are
+            # all prompt) it is 0/0 = NaN, and the sum is exactly 0: never NaN · 0.
+            label_sum = torch.where(count > 0, label_mean * count, 0.0)
             stats.update(ce_sum=label_sum, ce_count=count)
         (self._train_stats if training else self._eval_stats).add(count.device, **stats)
 
         if not use_kd:
-            # alpha = 0: bit-identical to Trainer, the student's own loss (times a scale that is exactly 1 without
-            # accumulation). Evaluation without a teacher: the label loss alone.
+            # alpha = 0: the student's own loss (times a scale that is exactly 1 without accumulation), so Trainer bit
+            # for bit for classifiers; causal LMs: the mean over predicted tokens (docs/losses.md). Evaluation
+            # without a teacher: the label loss alone.
             loss = label_mean if need_label else student_logits.new_zeros(())
-        elif alpha == 1.0:
+        elif alpha == 1.0 or not need_label:  # evaluation without labels: the KD term alone
             loss = kd_sum / count.clamp(min=1)
         else:
             loss = (alpha * kd_sum + (1.0 - alpha) * label_sum) / count.clamp(min=1)
 
         if training and num_items_in_batch is not None:
             # From this micro-batch's mean to its share of the step's mean. The ratio is formed first so it is exactly
-            # 1.0 when the step is one micro-batch on one process.
-            loss = loss * (count / num_items_in_batch)
+            # 1.0 when the step is one micro-batch on one process. A micro-batch that counts nothing adds exactly 0
+            # (its label mean is NaN), with a gradient of 0 even when no micro-batch of the step counts anything.
+            num_items = torch.as_tensor(num_items_in_batch, device=count.device).clamp(min=1)
+            loss = torch.where(count > 0, loss * (count / num_items), 0.0)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages the processes' gradients
         return (loss, outputs) if return_outputs else loss
@@ -372,11 +492,38 @@ class DistillationTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # Trainer reads this loss on the host right after (its `logging_nan_inf_filter` check, on by default), so looking
-        # at it here adds no device sync; without that filter the teacher is checked at the next log instead.
-        if self.args.logging_nan_inf_filter and not torch.isfinite(loss):
-            self._raise_if_teacher_nonfinite(f"at optimizer step {self.state.global_step + 1} (before its update)")
+        where = f"at optimizer step {self.state.global_step + 1} (before its update)"
+        if self.args.logging_nan_inf_filter:
+            # Trainer reads this loss on the host right after (its NaN filter), so looking at it adds no device sync.
+            if not torch.isfinite(loss):
+                self._raise_if_teacher_nonfinite(where)
+        elif self.accelerator.sync_gradients:
+            # Without the filter nothing reads the loss before the update: one sync per optimizer step, on the last
+            # micro-batch (Trainer sets `sync_gradients` before each), so no NaN teacher reaches the weights.
+            self._raise_if_teacher_nonfinite(where)
         return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Trainer's step. Without labels Trainer computes no loss; evaluate() (and any batch with cached teacher
+        outputs) still gets the KD terms (`loss`, `loss_kd`, `teacher_agreement`) and the student's predictions."""
+        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
+        cached = any(column in inputs for column in TEACHER_COLUMNS)
+        online = self._distill_unlabeled and self.teacher_model is not None
+        if has_labels or not self.label_names or not (cached or online):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = prepare_inputs(self, inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach().mean()
+        if prediction_loss_only:
+            return loss, None, None
+        # The predictions exactly as Trainer returns them for a batch without labels.
+        if ignore_keys is None:
+            config = getattr(self.model, "config", None)
+            ignore_keys = getattr(config, "keys_to_ignore_at_inference", ["cache"]) if config is not None else []
+        logits = tuple(v for k, v in outputs.items() if k not in ignore_keys) if isinstance(outputs, dict) else outputs
+        logits = nested_detach(logits)
+        return loss, logits[0] if len(logits) == 1 else logits, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log (evaluation logs carry `eval_loss`)
@@ -389,10 +536,70 @@ class DistillationTrainer(Trainer):
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         self._eval_stats = _DistillationStats()
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        # Batches without labels: evaluate() runs the teacher for the KD terms; predict() runs only the student
+        # (unless they carry cached teacher outputs), as Trainer would.
+        self._distill_unlabeled = description == "Evaluation"
+        empty = ValueError(
+            "`eval_dataset` is empty: evaluation saw no rows, so it has no metrics to report. Check the filtering or "
+            "streaming that produced it, and pass a dataset with at least one row."
+        )
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+        except ValueError as error:  # accelerate's dispatcher, on an iterable dataset that yields no batch
+            if description == "Evaluation" and "does not contain any data" in str(error):
+                raise empty from error
+            raise
+        finally:
+            self._distill_unlabeled = False
+        if output.num_samples == 0 and description == "Evaluation":
+            raise empty
         self._raise_if_teacher_nonfinite(f"during {description.lower()}")
         output.metrics.update(self._eval_stats.pop_means(self.accelerator, prefix=f"{metric_key_prefix}_"))
         return output
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        self._check_dataset(dataset if dataset is not None else self.eval_dataset, "eval_dataset")
+        return super().get_eval_dataloader(eval_dataset)
+
+    # ---- resuming ----
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` resumes from the newest *complete* checkpoint in
+        `output_dir` (one whose `trainer_state.json`, which Trainer writes last, reads back), skipping a save that was
+        interrupted, and logs the checkpoints it skipped."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self._last_complete_checkpoint()
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _last_complete_checkpoint(self) -> str:
+        folder = self.args.output_dir
+        pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        found = sorted(
+            (os.path.join(folder, n) for n in names if pattern.match(n) and os.path.isdir(os.path.join(folder, n))),
+            key=lambda path: int(pattern.match(os.path.basename(path)).group(1)), reverse=True,
+        )
+        incomplete = []
+        for checkpoint in found:
+            try:
+                with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as f:
+                    json.load(f)
+            except (OSError, ValueError):  # missing, unreadable or truncated: the save did not finish
+                incomplete.append(checkpoint)
+                continue
+            if incomplete:
+                logger.warning(
+                    f"Skipping incomplete checkpoint(s) {incomplete} (no readable {TRAINER_STATE_NAME}, which Trainer "
+                    f"writes last: the save was interrupted); resuming from {checkpoint}."
+                )
+            return checkpoint
+        raise ValueError(
+            f"No complete checkpoint in {folder} to resume from (resume_from_checkpoint=True)"
+            + (f"; incomplete, without a readable {TRAINER_STATE_NAME}: {incomplete}" if incomplete else "")
+            + ". Train without resume_from_checkpoint, or pass the path of a complete checkpoint."
+        )
 
     # ---- Hub ----
 

@@ -33,14 +33,14 @@ def test_every_private_use_is_listed():
     `Trainer` state set by hf-distill's own subclass are fine)."""
     listed = (PACKAGE / "private_apis.py").read_text()
     for name in ("_VALID_DICT_FIELDS", "_set_signature_columns_if_needed", "_signature_columns", "_internal_call",
-                 "Accelerator._models"):
+                 "Accelerator._models", "Trainer._prepare_inputs"):
         assert f"{name}" in listed
     for path in PACKAGE.glob("*.py"):
         if path.name == "private_apis.py":
             continue
         text = path.read_text()
         for name in ("_model_mapping", "_extra_content", "_commit_hash", "_internal_call", "accelerator._models",
-                     "TrainingArguments._VALID_DICT_FIELDS"):
+                     "TrainingArguments._VALID_DICT_FIELDS", "._prepare_inputs"):
             assert name not in text, f"{path.name} uses {name}: go through hf_distill.private_apis"
 
 
@@ -60,6 +60,13 @@ def test_trainer_signature_columns_hook_decides_the_kept_columns(tmp_path):
 
 def test_save_model_takes_the_internal_call_flag():
     assert "_internal_call" in inspect.signature(Trainer.save_model).parameters
+
+
+def test_trainer_prepare_inputs_puts_a_batch_on_the_device(tmp_path):
+    trainer = Trainer(model=BertForSequenceClassification(bert_config()),
+                      args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    batch = private_apis.prepare_inputs(trainer, {"input_ids": torch.ones(2, 3, dtype=torch.long)})
+    assert batch["input_ids"].device == trainer.args.device and batch["input_ids"].shape == (2, 3)
 
 
 def test_accelerator_registers_prepared_models_and_forgets_them():
