@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # (counted tokens N, vocabulary V). 8192 × 128256 would need ~8.4 GB for the inputs alone, over this shared
 # machine's ~8 GB per-process allowance; 2048 × 128256 (a Llama-3-sized vocabulary) has the same N·V as 8192 × 32000.
@@ -58,8 +59,9 @@ def measure(method: str, num_tokens: int, vocab_size: int, loss_type: str, tempe
     def forward_backward():
         student.grad = None
         if method == "naive":
-            per_position = losses.distillation_divergence(student, teacher, temperature=temperature,
-                                                          loss_type=loss_type)
+            per_position = losses.distillation_divergence(
+                student, teacher, temperature=temperature, loss_type=loss_type
+            )
             loss = losses.masked_sum(per_position, mask)
         else:
             loss = chunked_distillation_loss(student, teacher, mask, temperature=temperature, loss_type=loss_type)
@@ -76,11 +78,18 @@ def measure(method: str, num_tokens: int, vocab_size: int, loss_type: str, tempe
         forward_backward()
         seconds.append(time.perf_counter() - start)
     return {
-        "method": method, "num_tokens": num_tokens, "vocab_size": vocab_size, "loss_type": loss_type,
-        "temperature": temperature, "loss": loss_value,
-        "loss_peak_bytes": rss_peak - rss_inputs, "with_inputs_peak_bytes": rss_peak - rss_imports,
-        "inputs_bytes": rss_inputs - rss_imports, "first_pass_seconds": first_seconds,
-        "median_seconds": statistics.median(seconds) if seconds else first_seconds, "seconds": seconds,
+        "method": method,
+        "num_tokens": num_tokens,
+        "vocab_size": vocab_size,
+        "loss_type": loss_type,
+        "temperature": temperature,
+        "loss": loss_value,
+        "loss_peak_bytes": rss_peak - rss_inputs,
+        "with_inputs_peak_bytes": rss_peak - rss_imports,
+        "inputs_bytes": rss_inputs - rss_imports,
+        "first_pass_seconds": first_seconds,
+        "median_seconds": statistics.median(seconds) if seconds else first_seconds,
+        "seconds": seconds,
     }
 
 
@@ -93,16 +102,30 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         method, num_tokens, vocab_size = args.child
-        print(json.dumps(measure(method, int(num_tokens), int(vocab_size), args.loss_type, args.temperature,
-                                 args.repeats)))
+        print(
+            json.dumps(
+                measure(method, int(num_tokens), int(vocab_size), args.loss_type, args.temperature, args.repeats)
+            )
+        )
         return
 
     rows = []
     for num_tokens, vocab_size in SHAPES:
         for method in METHODS:
-            command = [sys.executable, __file__, "--child", method, str(num_tokens), str(vocab_size),
-                       "--loss_type", args.loss_type, "--temperature", str(args.temperature),
-                       "--repeats", str(args.repeats)]
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                method,
+                str(num_tokens),
+                str(vocab_size),
+                "--loss_type",
+                args.loss_type,
+                "--temperature",
+                str(args.temperature),
+                "--repeats",
+                str(args.repeats),
+            ]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(output.strip().splitlines()[-1]))
             print(f"measured {method} N={num_tokens} V={vocab_size}", file=sys.stderr)
@@ -135,8 +158,9 @@ def main() -> None:
     print("\n".join(lines))
     RESULTS_DIR.mkdir(exist_ok=True)
     machine = {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()}
-    (RESULTS_DIR / "kd_memory.json").write_text(json.dumps({"machine": machine, "args": vars(args), "rows": rows},
-                                                            indent=2) + "\n")
+    (RESULTS_DIR / "kd_memory.json").write_text(
+        json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

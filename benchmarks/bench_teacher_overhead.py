@@ -26,7 +26,14 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
 
 from hf_distill import (
     DistillationTrainer,
@@ -35,6 +42,7 @@ from hf_distill import (
     MLPForImageClassification,
     precompute_teacher_logits,
 )
+
 
 RESULTS = Path(__file__).parent / "results" / "teacher_overhead.json"
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
@@ -59,8 +67,10 @@ def mean_step_seconds(trainer_factory, warmup: int) -> float:
 
 def teacher_forward_seconds(teacher, dataset, batch_size: int, steps: int, warmup: int) -> float:
     rows = dataset.remove_columns([c for c in dataset.column_names if c == "labels"])
-    batches = [default_data_collator([rows[i] for i in range(b * batch_size, (b + 1) * batch_size)])
-               for b in range(warmup + steps)]
+    batches = [
+        default_data_collator([rows[i] for i in range(b * batch_size, (b + 1) * batch_size)])
+        for b in range(warmup + steps)
+    ]
     times = []
     with torch.no_grad():
         for batch in batches:
@@ -105,9 +115,18 @@ def measure(name, pair, rounds: int, steps: int, warmup: int) -> dict:
     dataset = dataset.with_format("torch")
 
     with tempfile.TemporaryDirectory() as scratch:
-        common = dict(output_dir=scratch, per_device_train_batch_size=batch_size, max_steps=warmup + steps,
-                      report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True,
-                      seed=0, dataloader_num_workers=0)
+        common = dict(
+            output_dir=scratch,
+            per_device_train_batch_size=batch_size,
+            max_steps=warmup + steps,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            use_cpu=True,
+            seed=0,
+            dataloader_num_workers=0,
+        )
 
         def fresh_student():
             student.load_state_dict(initial_student)
@@ -118,8 +137,9 @@ def measure(name, pair, rounds: int, steps: int, warmup: int) -> dict:
 
         def distill(teacher_model, train_dataset):
             args = DistillationTrainingArguments(**common, temperature=2.0, alpha=0.5)
-            return lambda: DistillationTrainer(model=fresh_student(), teacher_model=teacher_model, args=args,
-                                               train_dataset=train_dataset)
+            return lambda: DistillationTrainer(
+                model=fresh_student(), teacher_model=teacher_model, args=args, train_dataset=train_dataset
+            )
 
         times = {"plain": [], "cached": [], "online": [], "teacher_forward": []}
         for _ in range(rounds):  # alternating, so drift on a shared machine hits every variant alike
@@ -144,20 +164,35 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     options = parser.parse_args()
-    results = [measure(name, pair, options.rounds, options.steps, options.warmup)
-               for name, pair in (("MNIST MLP 2x1200 -> 2x800", mnist_pair), ("GPT-2 4L/256 -> 2L/128, V=8192",
-                                                                              causal_lm_pair))]
-    print("| pair | plain step (ms) | cached KD step (ms) | online KD step (ms) | teacher fwd (ms) | "
-          "cached / plain | online / (plain + teacher fwd) |")
+    results = [
+        measure(name, pair, options.rounds, options.steps, options.warmup)
+        for name, pair in (
+            ("MNIST MLP 2x1200 -> 2x800", mnist_pair),
+            ("GPT-2 4L/256 -> 2L/128, V=8192", causal_lm_pair),
+        )
+    ]
+    print(
+        "| pair | plain step (ms) | cached KD step (ms) | online KD step (ms) | teacher fwd (ms) | "
+        "cached / plain | online / (plain + teacher fwd) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
         m = r["median_step_seconds"]
-        print(f"| {r['name']} | {1e3 * m['plain']:.1f} | {1e3 * m['cached']:.1f} | {1e3 * m['online']:.1f} | "
-              f"{1e3 * m['teacher_forward']:.1f} | {r['cached_ratio']:.3f} | {r['online_ratio']:.3f} |")
+        print(
+            f"| {r['name']} | {1e3 * m['plain']:.1f} | {1e3 * m['cached']:.1f} | {1e3 * m['online']:.1f} | "
+            f"{1e3 * m['teacher_forward']:.1f} | {r['cached_ratio']:.3f} | {r['online_ratio']:.3f} |"
+        )
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "options": vars(options), "results": results}, indent=2))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+                "options": vars(options),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {RESULTS}")
 
 

@@ -51,6 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TRAINERS = ("trl", "hf_distill")
 
@@ -81,8 +82,16 @@ def build_models_and_data(setup: Setup):
 
     def gpt2(layers: int, width: int, seed: int) -> GPT2LMHeadModel:
         torch.manual_seed(seed)
-        config = GPT2Config(vocab_size=setup.vocab_size, n_positions=setup.sequence_length, n_embd=width,
-                            n_layer=layers, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = GPT2Config(
+            vocab_size=setup.vocab_size,
+            n_positions=setup.sequence_length,
+            n_embd=width,
+            n_layer=layers,
+            n_head=4,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         return GPT2LMHeadModel(config)
 
     teacher = gpt2(setup.teacher_layers, setup.teacher_width, setup.seed + 1).eval()
@@ -93,8 +102,9 @@ def build_models_and_data(setup: Setup):
     input_ids = torch.randint(1, setup.vocab_size, (num_rows, setup.sequence_length), generator=generator)
     lengths = torch.full((num_rows,), setup.sequence_length)
     padded = torch.rand(num_rows, generator=generator) < 0.25
-    lengths[padded] = torch.randint(setup.sequence_length // 2, setup.sequence_length, (int(padded.sum()),),
-                                    generator=generator)
+    lengths[padded] = torch.randint(
+        setup.sequence_length // 2, setup.sequence_length, (int(padded.sum()),), generator=generator
+    )
     attention_mask = (torch.arange(setup.sequence_length)[None, :] < lengths[:, None]).long()
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
@@ -111,22 +121,35 @@ def _word_level_tokenizer(vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"t{i}": i for i in range(vocab_size)}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t0")), pad_token="t0",
-                                   eos_token="t1")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t0")), pad_token="t0", eos_token="t1"
+    )
 
 
 def build_trainer(name: str, setup: Setup, teacher, student, dataset, output_dir: str, callbacks):
     from transformers import default_data_collator
 
     common = dict(
-        output_dir=output_dir, per_device_train_batch_size=setup.batch_size, max_steps=setup.steps,
-        learning_rate=setup.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        logging_steps=1, save_strategy="no", report_to=[], seed=setup.seed, data_seed=setup.seed,
-        dataloader_num_workers=0, disable_tqdm=True, use_cpu=True,
+        output_dir=output_dir,
+        per_device_train_batch_size=setup.batch_size,
+        max_steps=setup.steps,
+        learning_rate=setup.learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=setup.seed,
+        data_seed=setup.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_cpu=True,
         # TRL's SFTConfig (GKDConfig's base) defaults to bf16=True and activation (gradient) checkpointing; both runs
         # are float32 without checkpointing, hf-distill's (Trainer's) defaults. With TRL's defaults GKD took ~19 s/step
         # here against ~5 s: bf16 autocast on a CPU without native bf16 matmuls, and a recomputed student forward.
-        bf16=False, activation_checkpointing=False,
+        bf16=False,
+        activation_checkpointing=False,
     )
 
     if name == "trl":
@@ -142,11 +165,18 @@ def build_trainer(name: str, setup: Setup, teacher, student, dataset, output_dir
                 self.per_token_losses.append(self.recorded_losses[-1] * float(divisor) / float(shifted_count))
                 return loss
 
-        args = GKDConfig(**common, lmbda=0.0, seq_kd=False, beta=0.0, temperature=1.0,
-                         max_length=setup.sequence_length)
-        trainer = RecordingGKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
-                                      data_collator=default_data_collator,
-                                      processing_class=_word_level_tokenizer(setup.vocab_size), callbacks=callbacks)
+        args = GKDConfig(
+            **common, lmbda=0.0, seq_kd=False, beta=0.0, temperature=1.0, max_length=setup.sequence_length
+        )
+        trainer = RecordingGKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=dataset,
+            data_collator=default_data_collator,
+            processing_class=_word_level_tokenizer(setup.vocab_size),
+            callbacks=callbacks,
+        )
     else:
         from hf_distill import DistillationTrainer, DistillationTrainingArguments
 
@@ -158,8 +188,14 @@ def build_trainer(name: str, setup: Setup, teacher, student, dataset, output_dir
                 return loss
 
         args = DistillationTrainingArguments(**common, distillation_loss="kl", alpha=1.0, temperature=1.0)
-        trainer = RecordingDistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
-                                               data_collator=default_data_collator, callbacks=callbacks)
+        trainer = RecordingDistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=dataset,
+            data_collator=default_data_collator,
+            callbacks=callbacks,
+        )
     trainer.recorded_losses, trainer.per_token_losses = [], []
     return trainer
 
@@ -195,16 +231,21 @@ def run_one(name: str, setup: Setup, profile: bool = False) -> dict:
             print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
         else:
             trainer.train()
-    step_seconds = timer.seconds[setup.warmup_steps:]
+    step_seconds = timer.seconds[setup.warmup_steps :]
     return {
-        "trainer": name, "median_step_seconds": statistics.median(step_seconds), "step_seconds": timer.seconds,
-        "median_step_cpu_seconds": statistics.median(timer.cpu_seconds[setup.warmup_steps:]),
+        "trainer": name,
+        "median_step_seconds": statistics.median(step_seconds),
+        "step_seconds": timer.seconds,
+        "median_step_cpu_seconds": statistics.median(timer.cpu_seconds[setup.warmup_steps :]),
         "step_cpu_seconds": timer.cpu_seconds,
-        "peak_rss_bytes": _max_rss_bytes(), "train_peak_rss_delta_bytes": _max_rss_bytes() - rss_before_train,
-        "rss_before_train_bytes": rss_before_train, "rss_at_start_bytes": rss_start,
+        "peak_rss_bytes": _max_rss_bytes(),
+        "train_peak_rss_delta_bytes": _max_rss_bytes() - rss_before_train,
+        "rss_before_train_bytes": rss_before_train,
+        "rss_at_start_bytes": rss_start,
         # Set once `DistillationTrainer` can use `chunked_distillation_loss` (a `kd_chunk_size` argument).
         "kd_chunk_size": getattr(trainer.args, "kd_chunk_size", None) if name == "hf_distill" else None,
-        "reported_losses": trainer.recorded_losses, "per_token_losses": trainer.per_token_losses,
+        "reported_losses": trainer.recorded_losses,
+        "per_token_losses": trainer.per_token_losses,
     }
 
 
@@ -226,12 +267,20 @@ def interleaved_steps(setup: Setup) -> dict:
     trainers = {}
     with tempfile.TemporaryDirectory() as output_dir:
         for name in TRAINERS:
-            trainers[name] = build_trainer(name, setup, copy.deepcopy(teacher), copy.deepcopy(student), dataset,
-                                           os.path.join(output_dir, name), [])
+            trainers[name] = build_trainer(
+                name,
+                setup,
+                copy.deepcopy(teacher),
+                copy.deepcopy(student),
+                dataset,
+                os.path.join(output_dir, name),
+                [],
+            )
             trainers[name].create_optimizer_and_scheduler(num_training_steps=setup.steps)
-    batches = [default_data_collator([dataset[row] for row in range(step * setup.batch_size,
-                                                                     (step + 1) * setup.batch_size)])
-               for step in range(setup.steps)]
+    batches = [
+        default_data_collator([dataset[row] for row in range(step * setup.batch_size, (step + 1) * setup.batch_size)])
+        for step in range(setup.steps)
+    ]
 
     def optimizer_step(trainer, batch) -> float:
         start = time.perf_counter()
@@ -249,10 +298,13 @@ def interleaved_steps(setup: Setup) -> dict:
             seconds[name].append(optimizer_step(trainers[name], batch))
     counted = slice(setup.warmup_steps, None)
     ratios = [trl / ours for trl, ours in zip(seconds["trl"][counted], seconds["hf_distill"][counted])]
-    return {"step_seconds": seconds, "median_step_seconds": {name: statistics.median(values[counted])
-                                                              for name, values in seconds.items()},
-            "speedup_per_step": ratios, "median_speedup": statistics.median(ratios),
-            "per_token_losses": {name: trainer.per_token_losses for name, trainer in trainers.items()}}
+    return {
+        "step_seconds": seconds,
+        "median_step_seconds": {name: statistics.median(values[counted]) for name, values in seconds.items()},
+        "speedup_per_step": ratios,
+        "median_speedup": statistics.median(ratios),
+        "per_token_losses": {name: trainer.per_token_losses for name, trainer in trainers.items()},
+    }
 
 
 def time_loss_components(setup: Setup, repeats: int = 9) -> dict[str, dict[str, float]]:
@@ -284,8 +336,9 @@ def time_loss_components(setup: Setup, repeats: int = 9) -> dict[str, dict[str, 
 
     def trl_kd():
         student_leaf.grad = None
-        GKDTrainer.generalized_jsd_loss(student_leaf[:, :-1], teacher_logits[:, :-1], labels=shifted_labels, beta=0.0,
-                                        num_items_in_batch=count).backward()
+        GKDTrainer.generalized_jsd_loss(
+            student_leaf[:, :-1], teacher_logits[:, :-1], labels=shifted_labels, beta=0.0, num_items_in_batch=count
+        ).backward()
 
     def hf_distill_naive_kd():
         student_leaf.grad = None
@@ -309,6 +362,7 @@ def time_loss_components(setup: Setup, repeats: int = 9) -> dict[str, dict[str, 
         def forward():
             with torch.no_grad():
                 teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=use_cache)
+
         return forward
 
     pieces = {
@@ -321,7 +375,7 @@ def time_loss_components(setup: Setup, repeats: int = 9) -> dict[str, dict[str, 
         "teacher forward, use_cache=False": teacher_forward(False),
     }
     seconds = {name: [] for name in pieces}
-    for name, piece in pieces.items():
+    for piece in pieces.values():
         piece()  # warm-up
     for _ in range(repeats):
         for name, piece in pieces.items():
@@ -334,11 +388,16 @@ def time_loss_components(setup: Setup, repeats: int = 9) -> dict[str, dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2, help="rounds of one run per trainer, order alternating")
-    parser.add_argument("--interleaved_steps", type=int, default=24,
-                        help="steps of the one-process, step-alternating speed comparison (0 to skip)")
+    parser.add_argument(
+        "--interleaved_steps",
+        type=int,
+        default=24,
+        help="steps of the one-process, step-alternating speed comparison (0 to skip)",
+    )
     for field in dataclasses.fields(Setup):
-        parser.add_argument(f"--{field.name}", type=field.type if callable(field.type) else eval(field.type),
-                            default=field.default)
+        parser.add_argument(
+            f"--{field.name}", type=field.type if callable(field.type) else eval(field.type), default=field.default
+        )
     parser.add_argument("--child", choices=(*TRAINERS, "breakdown", "interleaved"), help=argparse.SUPPRESS)
     parser.add_argument("--profile", choices=TRAINERS, help="profile one run of this trainer instead")
     parser.add_argument("--skip_breakdown", action="store_true", help="skip timing the KD path's pieces")
@@ -365,8 +424,9 @@ def main() -> None:
     for round_index in range(args.rounds):
         order = TRAINERS if round_index % 2 == 0 else TRAINERS[::-1]
         for name in order:
-            completed = subprocess.run([sys.executable, __file__, "--child", name, *setup_flags], capture_output=True,
-                                       text=True)
+            completed = subprocess.run(
+                [sys.executable, __file__, "--child", name, *setup_flags], capture_output=True, text=True
+            )
             if completed.returncode != 0:
                 sys.exit(f"{name} run failed:\n{completed.stderr[-5000:]}")
             runs.append(json.loads(completed.stdout.strip().splitlines()[-1]))
@@ -374,8 +434,18 @@ def main() -> None:
     interleaved = {}
     if args.interleaved_steps:
         interleaved_flags = [flag for flag in setup_flags if not flag.startswith("--steps=")]
-        completed = subprocess.run([sys.executable, __file__, "--child", "interleaved", *interleaved_flags,
-                                    f"--steps={args.interleaved_steps}"], capture_output=True, text=True)
+        completed = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                "interleaved",
+                *interleaved_flags,
+                f"--steps={args.interleaved_steps}",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if completed.returncode != 0:
             sys.exit(f"interleaved run failed:\n{completed.stderr[-5000:]}")
         interleaved = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -416,10 +486,12 @@ def main() -> None:
     ]
     for name, label in (("trl", "TRL GKDTrainer (lmbda=0, beta=0)"), ("hf_distill", "hf-distill DistillationTrainer")):
         row = summary[name]
-        lines.append(f"| {label} | {row['median_step_seconds']:.3f} | {row['min_step_seconds']:.3f} | "
-                     f"{row['median_step_cpu_seconds']:.3f} | {row['peak_rss_bytes'] / mib:.0f} | "
-                     f"{row['train_peak_rss_delta_bytes'] / mib:.0f} | {row['reported_losses'][0]:.7f} | "
-                     f"{row['per_token_losses'][0]:.7f} |")
+        lines.append(
+            f"| {label} | {row['median_step_seconds']:.3f} | {row['min_step_seconds']:.3f} | "
+            f"{row['median_step_cpu_seconds']:.3f} | {row['peak_rss_bytes'] / mib:.0f} | "
+            f"{row['train_peak_rss_delta_bytes'] / mib:.0f} | {row['reported_losses'][0]:.7f} | "
+            f"{row['per_token_losses'][0]:.7f} |"
+        )
     lines += [
         "",
         f"Separate runs: hf-distill speed-up over TRL {speedup:.2f}× in wall time, {cpu_speedup:.2f}× in CPU time; "
@@ -440,31 +512,59 @@ def main() -> None:
         ]
     breakdown = {}
     if not args.skip_breakdown:
-        completed = subprocess.run([sys.executable, __file__, "--child", "breakdown", *setup_flags],
-                                   capture_output=True, text=True)
+        completed = subprocess.run(
+            [sys.executable, __file__, "--child", "breakdown", *setup_flags], capture_output=True, text=True
+        )
         if completed.returncode != 0:
             sys.exit(f"breakdown failed:\n{completed.stderr[-5000:]}")
         breakdown = json.loads(completed.stdout.strip().splitlines()[-1])
-        lines += ["", "Where the time goes: pieces of the KD path at this logits shape (one process, interleaved, 9 "
-                  "repeats):", "", "| piece | min ms | median ms |", "|---|---:|---:|"]
-        lines += [f"| {name} | {1000 * value['min']:.1f} | {1000 * value['median']:.1f} |"
-                  for name, value in breakdown.items()]
+        lines += [
+            "",
+            "Where the time goes: pieces of the KD path at this logits shape (one process, interleaved, 9 repeats):",
+            "",
+            "| piece | min ms | median ms |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {name} | {1000 * value['min']:.1f} | {1000 * value['median']:.1f} |"
+            for name, value in breakdown.items()
+        ]
     print("\n".join(lines))
     RESULTS_DIR.mkdir(exist_ok=True)
     import torch
     import transformers
     import trl
 
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-               "python": platform.python_version(), "torch": torch.__version__,
-               "transformers": transformers.__version__, "trl": trl.__version__}
-    (RESULTS_DIR / f"{args.results_name}.json").write_text(json.dumps(
-        {"machine": machine, "setup": dataclasses.asdict(setup), "rounds": args.rounds, "total_seconds": total_seconds,
-         "speedup": speedup, "cpu_time_speedup": cpu_speedup, "peak_rss_ratio": memory_ratio,
-         "first_step_relative_loss_difference": relative_differences[0],
-         "max_relative_loss_difference": max(relative_differences),
-         "interleaved": interleaved, "summary": summary, "breakdown_seconds": breakdown, "runs": runs},
-        indent=2) + "\n")
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
+    (RESULTS_DIR / f"{args.results_name}.json").write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "setup": dataclasses.asdict(setup),
+                "rounds": args.rounds,
+                "total_seconds": total_seconds,
+                "speedup": speedup,
+                "cpu_time_speedup": cpu_speedup,
+                "peak_rss_ratio": memory_ratio,
+                "first_step_relative_loss_difference": relative_differences[0],
+                "max_relative_loss_difference": max(relative_differences),
+                "interleaved": interleaved,
+                "summary": summary,
+                "breakdown_seconds": breakdown,
+                "runs": runs,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

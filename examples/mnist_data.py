@@ -52,7 +52,7 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     data in C order.
     """
     path = Path(path)
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
         raw = f.read()
     if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (magic number {raw[:4].hex()}).")

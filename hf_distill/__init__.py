@@ -12,6 +12,7 @@ from .teacher_cache import precompute_teacher_logits
 from .teachers import EnsembleTeacher, TeacherSignal
 from .trainer import DistillationTrainer
 
+
 __all__ = [
     "DISTILLATION_LOSSES",
     "DistillationTrainer",

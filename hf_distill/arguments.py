@@ -55,7 +55,9 @@ class DistillationTrainingArguments(TrainingArguments):
     )
     jsd_beta: float = field(
         default=0.5,
-        metadata={"help": "Mixture weight beta in (0, 1) of the generalized JSD: m = beta*teacher + (1-beta)*student."},
+        metadata={
+            "help": "Mixture weight beta in (0, 1) of the generalized JSD: m = beta*teacher + (1-beta)*student."
+        },
     )
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -90,8 +92,10 @@ class DistillationTrainingArguments(TrainingArguments):
     )
     temperature_schedule: str = field(
         default="constant",
-        metadata={"help": "How T moves from `temperature` to `temperature_end` over training.",
-                  "choices": list(SCHEDULES)},
+        metadata={
+            "help": "How T moves from `temperature` to `temperature_end` over training.",
+            "choices": list(SCHEDULES),
+        },
     )
     alpha_end: float | None = field(
         default=None,
@@ -146,9 +150,12 @@ class DistillationTrainingArguments(TrainingArguments):
                 "distillation_loss='kl' (beta -> 0) or 'reverse_kl' (beta -> 1)."
             )
         if self.kd_chunk_size is not None and self.kd_chunk_size < 0:
-            raise ValueError(f"`kd_chunk_size` must be None (automatic), 0 (off) or positive, got {self.kd_chunk_size}.")
-        check_ensemble_settings(self.ensemble_reduction, self.teacher_weights,
-                                len(self.teacher_weights) if self.teacher_weights else 0)
+            raise ValueError(
+                f"`kd_chunk_size` must be None (automatic), 0 (off) or positive, got {self.kd_chunk_size}."
+            )
+        check_ensemble_settings(
+            self.ensemble_reduction, self.teacher_weights, len(self.teacher_weights) if self.teacher_weights else 0
+        )
         if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
             raise ValueError(
                 "`teacher_model_init_kwargs` must be a dict (or a JSON object string on the command line), got "

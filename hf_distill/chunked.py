@@ -42,6 +42,7 @@ import torch
 from .divergences import Divergence, compute_dtype, get_distillation_loss
 from .losses import DistillationLossType, distillation_divergence, masked_sum
 
+
 # About 4M float32 elements (16 MiB) per work tensor: small against an [N, V] buffer, large enough that the per-chunk
 # Python overhead is negligible next to the exp/log of a chunk.
 _DEFAULT_CHUNK_ELEMENTS = 1 << 22
@@ -152,8 +153,9 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
             # Contiguous, so it takes any [E, R, V] view; the returned gradient need not share the input's strides.
             gradient = torch.zeros(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
             # One scratch space for all chunks (see `divergence_and_student_gradient`).
-            workspace = torch.empty(4, min(chunk_size, mask.numel()), vocab_size, dtype=torch.float32,
-                                    device=student_logits.device)
+            workspace = torch.empty(
+                4, min(chunk_size, mask.numel()), vocab_size, dtype=torch.float32, device=student_logits.device
+            )
 
         mask_offset = 0
         flat_mask = mask.reshape(-1)
@@ -175,8 +177,11 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
                 # A float32 buffer takes the gradient directly; otherwise it is written by copy (and cast).
                 in_place = gradient.dtype == torch.float32
                 values, chunk_gradient = divergence_and_student_gradient(
-                    student_chunk, teacher_chunk, workspace=workspace,
-                    gradient_out=gradient_chunk if in_place else None, **kwargs
+                    student_chunk,
+                    teacher_chunk,
+                    workspace=workspace,
+                    gradient_out=gradient_chunk if in_place else None,
+                    **kwargs,
                 )
                 # Uncounted rows (padding) were computed with the rest, cheaper than gathering the counted ones; their
                 # values and gradients are dropped here, NaN/inf included.

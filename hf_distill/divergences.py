@@ -39,6 +39,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+
 # Above this temperature the naive path computes in float64 (and the chunked path differentiates it by autograd):
 # ``T² · D`` multiplies the float32 rounding of the log-probabilities (≈ 6e-8 · log V each) by T², so at T = 1000 a
 # float32 reverse KL or JSD of nearly equal distributions came out negative (−0.0098 where the value is 0.0122).
@@ -252,15 +253,18 @@ def generalized_jsd(student_logits, teacher_logits, temperature, jsd_beta: float
     """``T² [β KL(q ‖ m) + (1 − β) KL(p ‖ m)]`` with ``m = β q + (1 − β) p`` (TRL's GKD convention; ``β = jsd_beta``
     in (0, 1), 0.5 the symmetric JSD)."""
     student_log_probs, teacher_log_probs = _tempered(student_logits, teacher_logits, temperature)
-    mixture_log_probs = torch.logaddexp(teacher_log_probs + math.log(jsd_beta), student_log_probs + math.log1p(-jsd_beta))
+    mixture_log_probs = torch.logaddexp(
+        teacher_log_probs + math.log(jsd_beta), student_log_probs + math.log1p(-jsd_beta)
+    )
     divergence = jsd_beta * _kl_from_log_probs(teacher_log_probs, mixture_log_probs) + (
         1.0 - jsd_beta
     ) * _kl_from_log_probs(student_log_probs, mixture_log_probs)
     return divergence * temperature**2
 
 
-def generalized_jsd_value_and_gradient(student_logits, teacher_logits, temperature, workspace, gradient_out,
-                                       jsd_beta: float = 0.5):
+def generalized_jsd_value_and_gradient(
+    student_logits, teacher_logits, temperature, workspace, gradient_out, jsd_beta: float = 0.5
+):
     """The sum equals ``β Σ q log q + (1 − β) Σ p log p − Σ m log m``, whose derivative in ``p_i`` is
     ``(1 − β)(log p_i − log m_i)``; through the softmax, ``∂/∂z = T (1 − β) p (log p − log m − KL(p ‖ m))``."""
     scratch, student_log_probs, teacher_log_probs, product = _tempered_log_probs(
@@ -296,30 +300,39 @@ def logit_mse(student_logits, teacher_logits, temperature):
 def logit_mse_value_and_gradient(student_logits, teacher_logits, temperature, workspace, gradient_out):
     """``∂/∂z = (z̃ − ṽ) / V`` (centring is an orthogonal projection, so it passes through unchanged)."""
     scratch, difference, _, product = workspace
-    difference = torch.sub(_float32_scaled(student_logits, 1.0, scratch),
-                           _float32_scaled(teacher_logits, 1.0, product), out=difference)
+    difference = torch.sub(
+        _float32_scaled(student_logits, 1.0, scratch), _float32_scaled(teacher_logits, 1.0, product), out=difference
+    )
     difference.sub_(difference.mean(dim=-1, keepdim=True))
     values = 0.5 * torch.mul(difference, difference, out=product).mean(dim=-1)
     return values, torch.div(difference, difference.shape[-1], out=gradient_out)
 
 
 register_distillation_loss(
-    "kl", forward_kl, value_and_gradient=forward_kl_value_and_gradient,
+    "kl",
+    forward_kl,
+    value_and_gradient=forward_kl_value_and_gradient,
     formula="T² · KL(teacher_T ‖ student_T)",
     description="forward KL(teacher_T ‖ student_T), Hinton et al.'s soft-target loss",
 )
 register_distillation_loss(
-    "reverse_kl", reverse_kl, value_and_gradient=reverse_kl_value_and_gradient,
+    "reverse_kl",
+    reverse_kl,
+    value_and_gradient=reverse_kl_value_and_gradient,
     formula="T² · KL(student_T ‖ teacher_T)",
     description="reverse KL(student_T ‖ teacher_T), mode seeking",
 )
 register_distillation_loss(
-    "jsd", generalized_jsd, value_and_gradient=generalized_jsd_value_and_gradient,
+    "jsd",
+    generalized_jsd,
+    value_and_gradient=generalized_jsd_value_and_gradient,
     formula="T² · JSD_β(teacher_T, student_T)",
     description="generalized Jensen–Shannon divergence, mixture m = β·teacher_T + (1 − β)·student_T",
 )
 register_distillation_loss(
-    "mse", logit_mse, value_and_gradient=logit_mse_value_and_gradient,
+    "mse",
+    logit_mse,
+    value_and_gradient=logit_mse_value_and_gradient,
     formula="½ · mean_i (z̃_i − ṽ_i)²",
     description="logit matching: mean squared difference of the zero-centred student (z̃) and teacher (ṽ) logits, "
     "the paper's high-temperature limit (does not depend on T)",

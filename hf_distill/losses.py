@@ -22,7 +22,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .divergences import DISTILLATION_LOSSES, Divergence, compute_dtype, get_distillation_loss
+from .divergences import DISTILLATION_LOSSES as DISTILLATION_LOSSES  # re-exported: its home before the registry
+from .divergences import Divergence, compute_dtype, get_distillation_loss
+
 
 # Any registered name (see `hf_distill.divergences`); the four built-in ones are "kl", "reverse_kl", "jsd", "mse".
 DistillationLossType = str
@@ -114,7 +116,9 @@ def check_ensemble_settings(reduction: str, weights, num_teachers: int) -> None:
         if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
             raise ValueError(f"`teacher_weights` must be finite numbers, got {list(weights)}.")
         if len(weights) != num_teachers:
-            raise ValueError(f"`teacher_weights` has {len(weights)} entries for {num_teachers} teachers; give one each.")
+            raise ValueError(
+                f"`teacher_weights` has {len(weights)} entries for {num_teachers} teachers; give one each."
+            )
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"`teacher_weights` must be non-negative with a positive sum, got {list(weights)}.")
 
@@ -138,9 +142,11 @@ def ensemble_teacher_logits(
     Returns a float32 ``[..., V]`` tensor usable wherever a single teacher's logits are.
     """
     stacked = torch.stack([logits.float() for logits in teacher_logits])  # [J, ..., V]
-    weight = torch.full((len(teacher_logits),), 1.0 / len(teacher_logits)) if weights is None else torch.tensor(
-        weights, dtype=torch.float32
-    ) / float(sum(weights))
+    weight = (
+        torch.full((len(teacher_logits),), 1.0 / len(teacher_logits))
+        if weights is None
+        else torch.tensor(weights, dtype=torch.float32) / float(sum(weights))
+    )
     weight = weight.to(stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
     if reduction == "mean_log_probs":
         return (weight * stacked).sum(0)

@@ -29,6 +29,7 @@ from transformers.trainer_pt_utils import find_batch_size
 
 from .losses import IGNORE_INDEX
 
+
 # Auto classes tried, in order, to load a teacher given as a path or Hub id with the student's task head, each with the
 # public config -> model class mapping behind it (which holds models added with `AutoModelFor....register` too).
 TASK_AUTO_CLASSES = (
@@ -68,15 +69,27 @@ def auto_class_for(model: nn.Module):
     config = getattr(model, "config", None)
     if not isinstance(config, PretrainedConfig):
         return None
-    return next((auto_class for auto_class, mapping in TASK_AUTO_CLASSES
-                 if type(model) in _model_classes(mapping, type(config))), None)
+    return next(
+        (
+            auto_class
+            for auto_class, mapping in TASK_AUTO_CLASSES
+            if type(model) in _model_classes(mapping, type(config))
+        ),
+        None,
+    )
 
 
 def auto_class_for_architecture(config: PretrainedConfig):
     """The `AutoModelFor...` class that loads the first architecture a config names, or None."""
     architecture = (config.architectures or [None])[0]
-    return next((auto_class for auto_class, mapping in TASK_AUTO_CLASSES
-                 if architecture in {c.__name__ for c in _model_classes(mapping, type(config))}), None)
+    return next(
+        (
+            auto_class
+            for auto_class, mapping in TASK_AUTO_CLASSES
+            if architecture in {c.__name__ for c in _model_classes(mapping, type(config))}
+        ),
+        None,
+    )
 
 
 def output_size(model: nn.Module) -> int | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from transformers import TrainingArguments
 
+
 # `TrainingArguments` fields parsed from JSON strings when given on the command line.
 TRAINING_ARGUMENTS_DICT_FIELDS: list[str] = list(TrainingArguments._VALID_DICT_FIELDS)
 

@@ -56,6 +56,7 @@ from . import losses
 from .models import accepted_arguments, counted_positions, is_token_level, logits_of, shifts_labels
 from .teachers import EnsembleTeacher, as_teacher_list, ensemble_members, teacher_fingerprint, teacher_identity
 
+
 logger = logging.get_logger(__name__)
 
 TEACHER_LOGITS = "teacher_logits"
@@ -150,8 +151,12 @@ def precompute_teacher_logits(
     token_level, shift = is_token_level(teachers[0]), shifts_labels(teachers[0])
     main_input_name = getattr(teachers[0], "main_input_name", "input_ids")
     # The same combination the trainer uses online (temperature only matters to an arithmetic mean).
-    teacher = teachers[0] if len(teachers) == 1 else EnsembleTeacher(
-        teachers, ensemble_reduction, teacher_weights, temperature if temperature is not None else 1.0
+    teacher = (
+        teachers[0]
+        if len(teachers) == 1
+        else EnsembleTeacher(
+            teachers, ensemble_reduction, teacher_weights, temperature if temperature is not None else 1.0
+        )
     )
     teacher.eval().to(device)
 
@@ -172,7 +177,9 @@ def precompute_teacher_logits(
     loader = DataLoader(rows.select(shard), batch_size=batch_size, collate_fn=collate_and_hash)
 
     storage_dtype = getattr(torch, dtype)
-    outputs: dict[str, list] = {name: [] for name in ((TEACHER_TOPK_LOGPROBS, TEACHER_TOPK_IDS) if top_k else (TEACHER_LOGITS,))}
+    outputs: dict[str, list] = {
+        name: [] for name in ((TEACHER_TOPK_LOGPROBS, TEACHER_TOPK_IDS) if top_k else (TEACHER_LOGITS,))
+    }
     if hashed:
         outputs[TEACHER_INPUT_HASH] = []
     nonfinite_rows, overflow_rows, first_row = [], [], shard.start
@@ -213,10 +220,14 @@ def precompute_teacher_logits(
     hashes = outputs.pop(TEACHER_INPUT_HASH, None)
     if token_level:
         # Array2D with a variable first axis: read back as one ndarray per row, ~2x faster than nested lists.
-        features = datasets.Features({
-            name: datasets.Array2D(shape=(None, values[0].shape[-1]), dtype="int32" if name == TEACHER_TOPK_IDS else dtype)
-            for name, values in outputs.items()
-        })
+        features = datasets.Features(
+            {
+                name: datasets.Array2D(
+                    shape=(None, values[0].shape[-1]), dtype="int32" if name == TEACHER_TOPK_IDS else dtype
+                )
+                for name, values in outputs.items()
+            }
+        )
         columns = datasets.Dataset.from_dict(outputs, features=features)
     else:
         columns = datasets.Dataset(pa.table({name: _rows_to_arrow(values) for name, values in outputs.items()}))
@@ -254,7 +265,7 @@ def _raise_if_nonfinite(nonfinite_rows: list[int], overflow_rows: list[int], dty
     if overflow_rows:
         problems.append(
             f"The teacher's outputs for rows {listed(overflow_rows)} of `dataset` are finite in float32 but overflow "
-            f"{dtype} (|x| > {FLOAT16_MAX:g}) and would be stored as inf: pass `dtype=\"float32\"`."
+            f'{dtype} (|x| > {FLOAT16_MAX:g}) and would be stored as inf: pass `dtype="float32"`.'
         )
     if problems:
         raise ValueError(" ".join(problems) + " Nothing was cached.")
@@ -263,8 +274,9 @@ def _raise_if_nonfinite(nonfinite_rows: list[int], overflow_rows: list[int], dty
 def _rows_to_arrow(rows: list[np.ndarray]) -> pa.ListArray:
     """Rows of shape ``[W]`` as an Arrow list array built from one flat buffer (no Python floats)."""
     flat = np.concatenate(rows)
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, len(flat) + 1, rows[0].shape[-1], dtype=np.int64)),
-                                    pa.array(flat))
+    return pa.ListArray.from_arrays(
+        pa.array(np.arange(0, len(flat) + 1, rows[0].shape[-1], dtype=np.int64)), pa.array(flat)
+    )
 
 
 def check_cache_matches_run(dataset, args, teacher: nn.Module | None) -> None:
@@ -279,8 +291,10 @@ def check_cache_matches_run(dataset, args, teacher: nn.Module | None) -> None:
     if metadata is None:
         return
     if metadata.get("num_rows") is not None and len(dataset) != metadata["num_rows"]:
-        logger.info(f"Cached teacher outputs cover a {metadata['num_rows']}-row dataset; this one has "
-                    f"{len(dataset)} rows (a selection of it).")
+        logger.info(
+            f"Cached teacher outputs cover a {metadata['num_rows']}-row dataset; this one has "
+            f"{len(dataset)} rows (a selection of it)."
+        )
     columns = getattr(dataset, "column_names", None) or []
     if "input_ids" in columns and TEACHER_INPUT_HASH not in columns:
         logger.warning(

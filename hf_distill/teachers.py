@@ -32,6 +32,7 @@ from transformers.utils import logging
 from . import losses
 from .models import accepted_arguments, auto_class_for, auto_class_for_architecture, logits_of, output_size
 
+
 logger = logging.get_logger(__name__)
 
 TeacherLike = PreTrainedModel | nn.Module | str
@@ -66,8 +67,13 @@ def load_teacher(name_or_path: str, student: nn.Module | None, init_kwargs: dict
 
 def _looks_like_a_path(name_or_path: str) -> bool:
     """A filesystem path rather than a Hub id ('org/name' or 'name'): absolute, relative, home-based, or deeper."""
-    return (os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
-            or os.sep != "/" and os.sep in name_or_path)
+    return (
+        os.path.isabs(name_or_path)
+        or name_or_path.startswith((".", "~"))
+        or name_or_path.count("/") > 1
+        or os.sep != "/"
+        and os.sep in name_or_path
+    )
 
 
 def teacher_fingerprint(model: nn.Module) -> str:
@@ -109,8 +115,9 @@ class EnsembleTeacher(nn.Module):
     (``temperature=``; default the one given here). Each teacher receives the inputs its `forward` takes.
     """
 
-    def __init__(self, teachers: Sequence[nn.Module], reduction: str = "mean_probs", weights=None,
-                 temperature: float = 1.0):
+    def __init__(
+        self, teachers: Sequence[nn.Module], reduction: str = "mean_probs", weights=None, temperature: float = 1.0
+    ):
         super().__init__()
         losses.check_ensemble_settings(reduction, weights, len(teachers))
         self.teachers = nn.ModuleList(teachers)
@@ -131,12 +138,17 @@ class EnsembleTeacher(nn.Module):
             logits_of(teacher(**{k: v for k, v in inputs.items() if names is None or k in names}))
             for teacher, names in zip(self.teachers, self._arguments)
         ]
-        return losses.ensemble_teacher_logits(per_teacher, reduction=self.reduction, weights=self.weights,
-                                              temperature=self.temperature if temperature is None else temperature)
+        return losses.ensemble_teacher_logits(
+            per_teacher,
+            reduction=self.reduction,
+            weights=self.weights,
+            temperature=self.temperature if temperature is None else temperature,
+        )
 
 
-def as_teacher_list(teacher_model: TeacherLike | Sequence[TeacherLike], student: nn.Module | None,
-                    init_kwargs: dict | None) -> list[nn.Module]:
+def as_teacher_list(
+    teacher_model: TeacherLike | Sequence[TeacherLike], student: nn.Module | None, init_kwargs: dict | None
+) -> list[nn.Module]:
     """`teacher_model` (one or a list) as a list of modules, paths and Hub ids loaded."""
     teachers = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
     if not teachers:
@@ -196,7 +208,8 @@ def check_not_shared(student: nn.Module, teachers: Sequence[nn.Module]) -> None:
             )
         for name, parameter in teacher.named_parameters():
             shared = student_parameters.get(id(parameter)) or (
-                parameter.numel() and student_parameters.get(parameter.untyped_storage().data_ptr()))
+                parameter.numel() and student_parameters.get(parameter.untyped_storage().data_ptr())
+            )
             if shared:
                 raise ValueError(
                     f"The student's parameter `{shared}` is the teacher's `{name}` (a module shared between the two, "
@@ -206,8 +219,9 @@ def check_not_shared(student: nn.Module, teachers: Sequence[nn.Module]) -> None:
                 )
 
 
-def check_output_sizes(student: nn.Module, teacher: nn.Module | None, *, shift_labels: bool = False,
-                       tokenizer_size: int | None = None) -> int | None:
+def check_output_sizes(
+    student: nn.Module, teacher: nn.Module | None, *, shift_labels: bool = False, tokenizer_size: int | None = None
+) -> int | None:
     """Raise on a teacher/student output-size mismatch; return the vocabulary slice for padded causal LMs.
 
     Causal LMs (`shift_labels`) whose vocabularies differ only in padding past the tokenizer's `tokenizer_size` real
@@ -262,7 +276,7 @@ def teacher_forward(
         teacher_inputs["use_cache"] = False  # a KV cache is of no use to a single forward pass
     if temperature is not None:
         teacher_inputs["temperature"] = temperature
-    with torch.no_grad(), (autocast() if autocast is not None else contextlib.nullcontext()):
+    with torch.no_grad(), autocast() if autocast is not None else contextlib.nullcontext():
         return logits_of(teacher(**teacher_inputs))
 
 
@@ -349,10 +363,17 @@ def align_teacher_signal(
         if cached_top_k_ids is not None:
             top_k_ids = cached_top_k_ids.long()
             if top_k_ids.shape[:-1] != student_logits.shape[:-1]:
-                raise ValueError(f"Cached top-k teacher outputs {tuple(top_k_ids.shape)} do not match the batch's "
-                                 f"positions {tuple(student_logits.shape[:-1])}.")
-            return TeacherSignal(student_logits.gather(-1, top_k_ids), teacher_logits, mask, top_k_ids,
-                                 student_full_logits=student_logits)
+                raise ValueError(
+                    f"Cached top-k teacher outputs {tuple(top_k_ids.shape)} do not match the batch's "
+                    f"positions {tuple(student_logits.shape[:-1])}."
+                )
+            return TeacherSignal(
+                student_logits.gather(-1, top_k_ids),
+                teacher_logits,
+                mask,
+                top_k_ids,
+                student_full_logits=student_logits,
+            )
         signal = TeacherSignal(student_logits, teacher_logits, mask)
     if signal.student_logits.shape != signal.teacher_logits.shape:
         raise ValueError(

@@ -56,6 +56,7 @@ from .teachers import (
     teacher_forward,
 )
 
+
 logger = logging.get_logger(__name__)
 
 # Above this many elements in the token-level KD logits (e.g. 8 × 512 × 4096), `kd_chunk_size=None` chunks the loss:
@@ -73,8 +74,9 @@ class _DistillationStats:
 
     def add(self, device: torch.device, **values: torch.Tensor | float) -> None:
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        update = torch.stack([torch.as_tensor(values.get(name, 0.0), dtype=dtype, device=device).detach()
-                              for name in self._FIELDS])
+        update = torch.stack(
+            [torch.as_tensor(values.get(name, 0.0), dtype=dtype, device=device).detach() for name in self._FIELDS]
+        )
         self.totals = update if self.totals is None else self.totals + update
 
     def pop_means(self, accelerator, prefix: str = "") -> dict[str, float]:
@@ -83,8 +85,11 @@ class _DistillationStats:
         self.totals = None
         if accelerator.num_processes > 1:
             # Every process must join the reduction, even one that saw no batch.
-            totals = totals if totals is not None else torch.zeros(len(self._FIELDS), dtype=torch.float64,
-                                                                   device=accelerator.device)
+            totals = (
+                totals
+                if totals is not None
+                else torch.zeros(len(self._FIELDS), dtype=torch.float64, device=accelerator.device)
+            )
             totals = accelerator.reduce(totals, reduction="sum")
         if totals is None:
             return {}
@@ -210,8 +215,9 @@ class DistillationTrainer(Trainer):
         self._is_ensemble = isinstance(self.teacher_model, EnsembleTeacher)
         self._teacher_arguments = accepted_arguments(self.teacher_model) if self.teacher_model is not None else None
         tokenizer_size = len(self.processing_class) if hasattr(self.processing_class, "__len__") else None
-        self._kd_vocab_size = check_output_sizes(student, self.teacher_model, shift_labels=self._shift_labels,
-                                                 tokenizer_size=tokenizer_size)
+        self._kd_vocab_size = check_output_sizes(
+            student, self.teacher_model, shift_labels=self._shift_labels, tokenizer_size=tokenizer_size
+        )
         self._check_dataset(self.train_dataset, "train_dataset")
         for eval_dataset in _eval_datasets(self.eval_dataset):
             self._check_dataset(eval_dataset, "eval_dataset")
@@ -291,15 +297,19 @@ class DistillationTrainer(Trainer):
             if name is not None:  # Trainer reports `eval_{name}_...` for each dataset of a dict
                 if not key.startswith(f"{name}_"):
                     continue
-                key = key[len(name) + 1:]
+                key = key[len(name) + 1 :]
             columns = getattr(dataset, "column_names", None)
             no_teacher = self.teacher_model is None and not _teacher_columns(dataset)
             if key in ("loss_kd", "teacher_agreement") and no_teacher:
-                reason = ("there is no `teacher_model` to run on the eval_dataset and it carries no cached teacher "
-                          "outputs. Pass the teacher, evaluate on a dataset from `precompute_teacher_logits`")
+                reason = (
+                    "there is no `teacher_model` to run on the eval_dataset and it carries no cached teacher "
+                    "outputs. Pass the teacher, evaluate on a dataset from `precompute_teacher_logits`"
+                )
             elif key == "loss_ce" and columns is not None and not self._label_columns() & set(columns):
-                reason = ("the eval_dataset has no label column (columns: "
-                          f"{sorted(columns)}). Add labels to it, choose 'loss_kd' or 'loss'")
+                reason = (
+                    "the eval_dataset has no label column (columns: "
+                    f"{sorted(columns)}). Add labels to it, choose 'loss_kd' or 'loss'"
+                )
             else:
                 continue
             raise ValueError(
@@ -330,8 +340,12 @@ class DistillationTrainer(Trainer):
     # ---- the loss ----
 
     def _counted_positions(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        return counted_positions(inputs, token_level=self._token_level, shift=self._shift_labels,
-                                 main_input_name=getattr(self.model, "main_input_name", "input_ids"))
+        return counted_positions(
+            inputs,
+            token_level=self._token_level,
+            shift=self._shift_labels,
+            main_input_name=getattr(self.model, "main_input_name", "input_ids"),
+        )
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Trainer's prefetch of one optimizer step's micro-batches, counting their positions (all processes)."""
@@ -353,18 +367,24 @@ class DistillationTrainer(Trainer):
             self.teacher_model = place_teacher(self.teacher_model, self)
             self._teacher_prepared = True
         return teacher_forward(
-            self.teacher_model, inputs, accepted=self._teacher_arguments,
+            self.teacher_model,
+            inputs,
+            accepted=self._teacher_arguments,
             keep_labels=self._is_encoder_decoder and "decoder_input_ids" not in inputs,  # builds the decoder inputs
-            temperature=temperature if self._is_ensemble else None, autocast=self.accelerator.autocast,
+            temperature=temperature if self._is_ensemble else None,
+            autocast=self.accelerator.autocast,
         )
 
     def _teacher_signal(self, student_logits, inputs, cached, mask, temperature) -> TeacherSignal:
         return align_teacher_signal(
-            student_logits, mask,
+            student_logits,
+            mask,
             cached_teacher_outputs=cached.get(TEACHER_LOGITS, cached.get(TEACHER_TOPK_LOGPROBS)),
             cached_top_k_ids=cached.get(TEACHER_TOPK_IDS),
             online_teacher_logits=lambda: self._teacher_logits(inputs, temperature),
-            shift_labels=self._shift_labels, token_level=self._token_level, vocab_size=self._kd_vocab_size,
+            shift_labels=self._shift_labels,
+            token_level=self._token_level,
+            vocab_size=self._kd_vocab_size,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -445,16 +465,26 @@ class DistillationTrainer(Trainer):
     def _kd_sum(self, student_logits, teacher_logits, mask, temperature) -> torch.Tensor:
         """``Σ_counted T²·D``: chunked (bounded memory, same value and gradient) for large token-level logits."""
         chunk_size = self.args.kd_chunk_size
-        chunked = chunk_size != 0 and student_logits.dim() > 2 and (
-            chunk_size is not None or student_logits.numel() > CHUNKED_KD_THRESHOLD
+        chunked = (
+            chunk_size != 0
+            and student_logits.dim() > 2
+            and (chunk_size is not None or student_logits.numel() > CHUNKED_KD_THRESHOLD)
         )
         if chunked:
             return chunked_distillation_loss(
-                student_logits, teacher_logits, mask, temperature=temperature, loss_type=self.args.distillation_loss,
-                jsd_beta=self.args.jsd_beta, chunk_size=chunk_size,
+                student_logits,
+                teacher_logits,
+                mask,
+                temperature=temperature,
+                loss_type=self.args.distillation_loss,
+                jsd_beta=self.args.jsd_beta,
+                chunk_size=chunk_size,
             )
         per_position = losses.distillation_divergence(
-            student_logits, teacher_logits, temperature=temperature, loss_type=self.args.distillation_loss,
+            student_logits,
+            teacher_logits,
+            temperature=temperature,
+            loss_type=self.args.distillation_loss,
             jsd_beta=self.args.jsd_beta,
         )
         return losses.masked_sum(per_position, mask)
@@ -533,8 +563,9 @@ class DistillationTrainer(Trainer):
             logs["temperature"], logs["alpha"] = self.current_temperature_and_alpha(self.state.global_step - 1)
         super().log(logs, start_time)
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         self._eval_stats = _DistillationStats()
         # Batches without labels: evaluate() runs the teacher for the KD terms; predict() runs only the student
         # (unless they carry cached teacher outputs), as Trainer would.
@@ -544,8 +575,9 @@ class DistillationTrainer(Trainer):
             "streaming that produced it, and pass a dataset with at least one row."
         )
         try:
-            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                             metric_key_prefix)
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
         except ValueError as error:  # accelerate's dispatcher, on an iterable dataset that yields no batch
             if description == "Evaluation" and "does not contain any data" in str(error):
                 raise empty from error
@@ -579,7 +611,8 @@ class DistillationTrainer(Trainer):
         names = os.listdir(folder) if os.path.isdir(folder) else []
         found = sorted(
             (os.path.join(folder, n) for n in names if pattern.match(n) and os.path.isdir(os.path.join(folder, n))),
-            key=lambda path: int(pattern.match(os.path.basename(path)).group(1)), reverse=True,
+            key=lambda path: int(pattern.match(os.path.basename(path)).group(1)),
+            reverse=True,
         )
         incomplete = []
         for checkpoint in found:
@@ -632,22 +665,41 @@ class DistillationTrainer(Trainer):
         """
         return cached_teacher_evaluation(self, eval_dataset, metric_key_prefix)
 
-    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
-                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, teacher_eval_results=None):
+    def create_model_card(
+        self,
+        language=None,
+        license=None,
+        tags=None,
+        model_name=None,
+        finetuned_from=None,
+        tasks=None,
+        dataset_tags=None,
+        dataset=None,
+        dataset_args=None,
+        teacher_eval_results=None,
+    ):
         """`Trainer.create_model_card`, writing the distillation card (`hf_distill.model_card`): teacher lineage, loss
         settings, student vs teacher results (the teacher's from `evaluate_teacher`, or `teacher_eval_results`, its
         `eval_*` metrics on the eval set, which spares evaluating it); `finetuned_from` is the student's starting
         checkpoint, never the teacher."""
         write_distillation_model_card(
-            self, language=language, license=license, tags=tags, model_name=model_name, finetuned_from=finetuned_from,
-            tasks=tasks, dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args,
+            self,
+            language=language,
+            license=license,
+            tags=tags,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
+            dataset=dataset,
+            dataset_args=dataset_args,
             teacher_eval_results=teacher_eval_results,
         )
 
-    def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, private=None,
-                    **kwargs):
+    def push_to_hub(
+        self, commit_message="End of training", blocking=True, token=None, revision=None, private=None, **kwargs
+    ):
         """`Trainer.push_to_hub` (the student, its config, card and processor; never the teacher). A failed upload
         raises `hf_distill.hub.PushToHubError` and leaves the trained student saved in `output_dir`."""
         with push_errors_explained(self):
             return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
-

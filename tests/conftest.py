@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from hub_server import HubServer
 from torch import nn
 from transformers import (
     BertConfig,
@@ -19,9 +20,8 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from hub_server import HubServer
-
 from hf_distill import MLPConfig, MLPForImageClassification
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,16 +37,30 @@ SEQ_LEN = 8
 
 def bert_config(hidden_size: int = 16, **overrides) -> BertConfig:
     values = dict(
-        vocab_size=VOCAB_SIZE, hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=2 * hidden_size, max_position_embeddings=32, num_labels=NUM_LABELS,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=32,
+        num_labels=NUM_LABELS,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return BertConfig(**{**values, **overrides})
 
 
 def gpt2_config(n_embd: int = 16, **overrides) -> GPT2Config:
-    values = dict(vocab_size=VOCAB_SIZE, n_embd=n_embd, n_layer=1, n_head=2, n_positions=32,
-                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    values = dict(
+        vocab_size=VOCAB_SIZE,
+        n_embd=n_embd,
+        n_layer=1,
+        n_head=2,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2Config(**{**values, **overrides})
 
 
@@ -116,16 +130,20 @@ def causal_lm_dataset(n: int = 32, seed: int = 0, ragged: bool = False) -> datas
 def image_dataset(n: int = 32, seed: int = 0) -> datasets.Dataset:
     g = _generator(seed)
     return datasets.Dataset.from_dict(
-        {"pixel_values": torch.randn(n, 1, 8, 8, generator=g).tolist(),
-         "labels": torch.randint(0, NUM_LABELS, (n,), generator=g).tolist()}
+        {
+            "pixel_values": torch.randn(n, 1, 8, 8, generator=g).tolist(),
+            "labels": torch.randint(0, NUM_LABELS, (n,), generator=g).tolist(),
+        }
     )
 
 
 def features_dataset(n: int = 32, seed: int = 0) -> datasets.Dataset:
     g = _generator(seed)
     return datasets.Dataset.from_dict(
-        {"features": torch.randn(n, 8, generator=g).tolist(),
-         "labels": torch.randint(0, NUM_LABELS, (n,), generator=g).tolist()}
+        {
+            "features": torch.randn(n, 8, generator=g).tolist(),
+            "labels": torch.randint(0, NUM_LABELS, (n,), generator=g).tolist(),
+        }
     )
 
 

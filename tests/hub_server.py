@@ -178,7 +178,7 @@ class HubState:
     def store_blob(self, oid: str, content: bytes) -> None:
         path = self.blob_path(oid)
         if not path.exists():
-            tmp = path.with_suffix(".tmp%d" % threading.get_ident())
+            tmp = path.with_suffix(f".tmp{threading.get_ident()}")
             tmp.write_bytes(content)
             os.replace(tmp, path)
 
@@ -241,7 +241,7 @@ class HubServer:
         self.cdn_endpoint = f"http://127.0.0.1:{self.cdn.server_address[1]}"
         self._threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (self.hub, self.cdn)]
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         for thread in self._threads:
             thread.start()
         return self
@@ -253,7 +253,7 @@ class HubServer:
         if self._tmp is not None:
             self._tmp.cleanup()
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -285,9 +285,7 @@ class HubServer:
         """Contents of every file of `repo_id` at `revision` (LFS files resolved to their content)."""
         with self.state.lock:
             commit = self.state.resolve_revision(self.state.get_repo(repo_id), revision)
-            return {
-                path: self.state.blob_path(f.lfs_sha256 or f.oid).read_bytes() for path, f in commit.files.items()
-            }
+            return {path: self.state.blob_path(f.lfs_sha256 or f.oid).read_bytes() for path, f in commit.files.items()}
 
     def commit_messages(self, repo_id: str, branch: str = "main") -> list[str]:
         """Messages of the commits on `branch`, newest first."""
@@ -638,7 +636,9 @@ class _HubRequestHandler(_BaseHandler):
         if not isinstance(line, dict) or not isinstance(line.get("value"), dict):
             raise HubError(400, f"Invalid commit operation: {line!r}")
         key, value = line.get("key"), line["value"]
-        path = validate_path_in_repo(value.get("path", "").rstrip("/") if key == "deletedFolder" else value.get("path"))
+        path = validate_path_in_repo(
+            value.get("path", "").rstrip("/") if key == "deletedFolder" else value.get("path")
+        )
         if key == "file":
             if value.get("encoding") != "base64" or not isinstance(value.get("content"), str):
                 raise HubError(400, f"File {path}: content must be a base64 string with encoding base64")

@@ -8,6 +8,7 @@ import torch
 from hf_distill import losses
 from hf_distill.chunked import chunked_distillation_loss, default_chunk_size, divergence_and_student_gradient
 
+
 JSD_BETA = 0.3
 # An upstream gradient ≠ 1, as the trainer's division by the counted positions gives.
 UPSTREAM = 0.37
@@ -57,7 +58,9 @@ def test_value_and_gradient_equal_naive(loss_type, temperature, chunk_size):
     assert loss.dtype == torch.float32 and loss.shape == ()
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
     assert_close_relative(grad, expected_grad, rtol=1e-5)
-    assert grad[:, -1].abs().max() == 0 and grad[0].abs().max() == 0, "shifted-off and masked positions get no gradient"
+    assert grad[:, -1].abs().max() == 0 and grad[0].abs().max() == 0, (
+        "shifted-off and masked positions get no gradient"
+    )
 
 
 @pytest.mark.parametrize("loss_type", losses.DISTILLATION_LOSSES)
@@ -85,8 +88,9 @@ def test_bfloat16_inputs(loss_type):
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
     # The buffer is stored in bf16 before the upstream scale, so it is rounded twice where autograd rounds once.
     bf16_step = 2**-7
-    torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=bf16_step,
-                               atol=bf16_step * expected_grad.abs().max().item())
+    torch.testing.assert_close(
+        grad.float(), expected_grad.float(), rtol=bf16_step, atol=bf16_step * expected_grad.abs().max().item()
+    )
 
 
 def test_vocabulary_slice_with_strided_rows():
@@ -94,10 +98,15 @@ def test_vocabulary_slice_with_strided_rows():
     student, teacher, mask = causal_lm_logits(seed=7)
     sliced = dict(temperature=4.0, loss_type="kl")
     expected_loss, expected_grad = loss_and_gradient(
-        lambda s, t, m, **kw: naive_loss(s[..., :30], t[..., :30], m, **kw), student, teacher, mask, **sliced)
+        lambda s, t, m, **kw: naive_loss(s[..., :30], t[..., :30], m, **kw), student, teacher, mask, **sliced
+    )
     loss, grad = loss_and_gradient(
         lambda s, t, m, **kw: chunked_distillation_loss(s[..., :30], t[..., :30], m, chunk_size=3, **kw),
-        student, teacher, mask, **sliced)
+        student,
+        teacher,
+        mask,
+        **sliced,
+    )
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
     assert_close_relative(grad, expected_grad, rtol=1e-5)
     assert grad[..., 30:].abs().max() == 0
@@ -186,7 +195,8 @@ def test_invalid_arguments_raise():
 def test_empty_sequences():
     """A batch of one-token sequences has nothing to predict after the causal shift."""
     student = torch.randn(2, 1, 7, requires_grad=True)
-    loss = chunked_distillation_loss(student[:, :-1], torch.randn(2, 1, 7)[:, :-1], torch.ones(2, 0, dtype=torch.bool),
-                                     temperature=2.0)
+    loss = chunked_distillation_loss(
+        student[:, :-1], torch.randn(2, 1, 7)[:, :-1], torch.ones(2, 0, dtype=torch.bool), temperature=2.0
+    )
     loss.backward()
     assert loss.item() == 0.0 and student.grad.abs().max() == 0

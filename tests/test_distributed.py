@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+
 SCRIPT = Path(__file__).parent / "scripts" / "distributed_run.py"
 
 
@@ -21,9 +22,22 @@ def run(command, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "0"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
     run([*launcher, str(SCRIPT), str(tmp_path / "ddp"), "4"], tmp_path)
     run([sys.executable, str(SCRIPT), str(tmp_path / "single"), "8"], tmp_path)
     ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())

@@ -65,14 +65,20 @@ def test_user_divergence_on_the_chunked_path_equals_naive(tvd):
     student = (2 * torch.randn(3, 6, 11, generator=g)).requires_grad_()
     teacher = 2 * torch.randn(3, 6, 11, generator=g)
     mask = torch.rand(3, 5, generator=g) < 0.7
-    naive = torch.where(mask, distillation_divergence(student[:, :-1], teacher[:, :-1], temperature=3.0,
-                                                      loss_type=tvd), 0).sum()
+    naive = torch.where(
+        mask, distillation_divergence(student[:, :-1], teacher[:, :-1], temperature=3.0, loss_type=tvd), 0
+    ).sum()
     (naive_grad,) = torch.autograd.grad(naive, student)
-    chunked = chunked_distillation_loss(student[:, :-1], teacher[:, :-1], mask, temperature=3.0, loss_type=tvd,
-                                        chunk_size=4)
+    chunked = chunked_distillation_loss(
+        student[:, :-1], teacher[:, :-1], mask, temperature=3.0, loss_type=tvd, chunk_size=4
+    )
     (chunked_grad,) = torch.autograd.grad(chunked, student)
-    expected = sum(reference_total_variation(student[b, t].detach(), teacher[b, t], 3.0)
-                   for b in range(3) for t in range(5) if mask[b, t])
+    expected = sum(
+        reference_total_variation(student[b, t].detach(), teacher[b, t], 3.0)
+        for b in range(3)
+        for t in range(5)
+        if mask[b, t]
+    )
     assert chunked.item() == pytest.approx(expected, rel=1e-5)
     assert naive.item() == pytest.approx(expected, rel=1e-5)
     torch.testing.assert_close(chunked_grad, naive_grad, rtol=1e-5, atol=1e-7)
@@ -88,15 +94,17 @@ def test_user_closed_form_is_used_by_the_chunked_path():
     def scaled_kl_value_and_gradient(student_logits, teacher_logits, temperature, workspace, gradient_out):
         calls.append(student_logits.shape)
         values, gradient = get_distillation_loss("kl").value_and_gradient(
-            student_logits, teacher_logits, temperature, workspace, gradient_out)
+            student_logits, teacher_logits, temperature, workspace, gradient_out
+        )
         return 2 * values, gradient.mul_(2)
 
     register_distillation_loss("scaled_kl", scaled_kl, value_and_gradient=scaled_kl_value_and_gradient)
     try:
         g = torch.Generator().manual_seed(2)
         student, teacher = torch.randn(5, 7, generator=g).requires_grad_(), torch.randn(5, 7, generator=g)
-        values, gradient = divergence_and_student_gradient(student.detach(), teacher, temperature=2.0,
-                                                           loss_type="scaled_kl")
+        values, gradient = divergence_and_student_gradient(
+            student.detach(), teacher, temperature=2.0, loss_type="scaled_kl"
+        )
         (expected,) = torch.autograd.grad(scaled_kl(student, teacher, 2.0).sum(), student)
         assert calls and torch.allclose(gradient, expected, rtol=1e-5, atol=1e-7)
     finally:
@@ -111,21 +119,39 @@ def test_user_divergence_trains_alike_on_both_paths(tmp_path, tvd):
     runs = {}
     for name, chunk_size in (("naive", 0), ("chunked", 5)):
         model = seeded(student_factory, 0)
-        trainer = DistillationTrainer(model=model, teacher_model=teacher, train_dataset=dataset, args=make_args(
-            tmp_path / name, kd_chunk_size=chunk_size, distillation_loss=tvd, alpha=1.0, temperature=2.0,
-            per_device_train_batch_size=16, max_steps=3, learning_rate=1e-2))
+        trainer = DistillationTrainer(
+            model=model,
+            teacher_model=teacher,
+            train_dataset=dataset,
+            args=make_args(
+                tmp_path / name,
+                kd_chunk_size=chunk_size,
+                distillation_loss=tvd,
+                alpha=1.0,
+                temperature=2.0,
+                per_device_train_batch_size=16,
+                max_steps=3,
+                learning_rate=1e-2,
+            ),
+        )
         if name == "naive":  # the step-1 loss by hand, from the initial weights
             batch = trainer.data_collator([dataset[i] for i in range(16)])
             with torch.no_grad():
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
                 s, t = model(**inputs).logits[:, :-1], teacher(**inputs).logits[:, :-1]
             labels = batch["labels"][:, 1:]
-            values = [reference_total_variation(s[b, i], t[b, i], 2.0)
-                      for b in range(16) for i in range(labels.shape[1]) if labels[b, i] != -100]
+            values = [
+                reference_total_variation(s[b, i], t[b, i], 2.0)
+                for b in range(16)
+                for i in range(labels.shape[1])
+                if labels[b, i] != -100
+            ]
             expected_first = float(np.mean(values))
         trainer.train()
-        runs[name] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
-                      torch.cat([p.detach().flatten() for p in model.parameters()]))
+        runs[name] = (
+            [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            torch.cat([p.detach().flatten() for p in model.parameters()]),
+        )
     assert runs["naive"][0][0] == pytest.approx(expected_first, rel=1e-4)
     assert runs["chunked"][0] == pytest.approx(runs["naive"][0], rel=1e-5)
     # Adam at lr 1e-2 turns float32 rounding of the two paths' gradients into ~1e-6 weight differences.
@@ -158,5 +184,6 @@ def test_registered_name_parses_from_the_command_line(tvd):
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(DistillationTrainingArguments).parse_args_into_dataclasses(
-        ["--output_dir", "unused", "--distillation_loss", "tvd", "--use_cpu", "true", "--report_to", "none"])
+        ["--output_dir", "unused", "--distillation_loss", "tvd", "--use_cpu", "true", "--report_to", "none"]
+    )
     assert args.distillation_loss == "tvd"

@@ -13,18 +13,36 @@ from transformers import PreTrainedModel
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
 
+
 TOTAL_STEPS, SAVE_AT = 6, 3
 
 
 def build_trainer(tmp_path, task, **overrides):
     student_factory, teacher_factory, dataset_factory = TASKS[task]
-    values = dict(output_dir=str(tmp_path / task), per_device_train_batch_size=8, per_device_eval_batch_size=8,
-                  max_steps=TOTAL_STEPS, logging_steps=1, save_strategy="steps", save_steps=SAVE_AT, report_to=[],
-                  use_cpu=True, disable_tqdm=True, seed=0, temperature=2.0, alpha=0.5)
+    values = dict(
+        output_dir=str(tmp_path / task),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        max_steps=TOTAL_STEPS,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=SAVE_AT,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        temperature=2.0,
+        alpha=0.5,
+    )
     args = DistillationTrainingArguments(**{**values, **overrides})
     student, teacher = seeded(student_factory, 0), seeded(teacher_factory, 1)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
-                                  train_dataset=dataset_factory(n=48), eval_dataset=dataset_factory(n=16, seed=1))
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=dataset_factory(n=48),
+        eval_dataset=dataset_factory(n=16, seed=1),
+    )
     return trainer, student, teacher
 
 

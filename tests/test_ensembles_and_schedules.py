@@ -44,14 +44,16 @@ def test_online_and_cached_ensembles_agree(tmp_path):
     cached = precompute_teacher_logits(teachers, dataset, dtype="float32", temperature=3.0, teacher_weights=[1, 3])
     with torch.no_grad():
         ids = torch.tensor(dataset["input_ids"][:2])
-        expected = ensemble_teacher_logits([t(input_ids=ids).logits for t in teachers], weights=[1, 3],
-                                           temperature=3.0)
+        expected = ensemble_teacher_logits(
+            [t(input_ids=ids).logits for t in teachers], weights=[1, 3], temperature=3.0
+        )
     torch.testing.assert_close(torch.tensor(cached[TEACHER_LOGITS][:2]), expected)
 
     def run(name, teacher, train_dataset):
         args = make_args(tmp_path / name, temperature=3.0, teacher_weights=[1.0, 3.0], max_steps=3)
-        trainer = DistillationTrainer(model=seeded(TASKS[task][0], 0), teacher_model=teacher, args=args,
-                                      train_dataset=train_dataset)
+        trainer = DistillationTrainer(
+            model=seeded(TASKS[task][0], 0), teacher_model=teacher, args=args, train_dataset=train_dataset
+        )
         trainer.train()
         return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
@@ -61,12 +63,25 @@ def test_online_and_cached_ensembles_agree(tmp_path):
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_schedules_are_logged_and_resume_exactly(tmp_path, schedule):
     task = "sequence_classification"
-    settings = dict(max_steps=6, temperature=8.0, temperature_end=2.0, temperature_schedule=schedule, alpha=1.0,
-                    alpha_end=0.5, alpha_schedule=schedule, save_strategy="steps", save_steps=3)
+    settings = dict(
+        max_steps=6,
+        temperature=8.0,
+        temperature_end=2.0,
+        temperature_schedule=schedule,
+        alpha=1.0,
+        alpha_end=0.5,
+        alpha_schedule=schedule,
+        save_strategy="steps",
+        save_steps=3,
+    )
 
     def run(name, resume=None):
-        trainer = DistillationTrainer(model=seeded(TASKS[task][0], 0), teacher_model=seeded(TASKS[task][1], 1),
-                                      args=make_args(tmp_path / name, **settings), train_dataset=sequence_dataset())
+        trainer = DistillationTrainer(
+            model=seeded(TASKS[task][0], 0),
+            teacher_model=seeded(TASKS[task][1], 1),
+            args=make_args(tmp_path / name, **settings),
+            train_dataset=sequence_dataset(),
+        )
         trainer.train(resume_from_checkpoint=resume)
         return [h for h in trainer.state.log_history if "loss" in h]
 
@@ -86,9 +101,12 @@ def test_schedules_are_logged_and_resume_exactly(tmp_path, schedule):
 
 @pytest.mark.parametrize(
     "overrides, parameter",
-    [({"temperature_schedule": "linear"}, "temperature_end"), ({"alpha_schedule": "step"}, "alpha_schedule"),
-     ({"alpha_end": 1.5, "alpha_schedule": "linear"}, "alpha_end"), ({"ensemble_reduction": "median"},
-                                                                     "ensemble_reduction")],
+    [
+        ({"temperature_schedule": "linear"}, "temperature_end"),
+        ({"alpha_schedule": "step"}, "alpha_schedule"),
+        ({"alpha_end": 1.5, "alpha_schedule": "linear"}, "alpha_end"),
+        ({"ensemble_reduction": "median"}, "ensemble_reduction"),
+    ],
 )
 def test_bad_schedule_and_ensemble_arguments(tmp_path, overrides, parameter):
     with pytest.raises(ValueError, match=parameter):
@@ -98,6 +116,9 @@ def test_bad_schedule_and_ensemble_arguments(tmp_path, overrides, parameter):
 def test_teacher_weights_must_fit_the_ensemble(tmp_path):
     task = "sequence_classification"
     with pytest.raises(ValueError, match="teacher_weights"):
-        DistillationTrainer(model=seeded(TASKS[task][0], 0),
-                            teacher_model=[seeded(TASKS[task][1], 1), seeded(TASKS[task][1], 2)],
-                            args=make_args(tmp_path, teacher_weights=[1.0, 2.0, 3.0]), train_dataset=sequence_dataset())
+        DistillationTrainer(
+            model=seeded(TASKS[task][0], 0),
+            teacher_model=[seeded(TASKS[task][1], 1), seeded(TASKS[task][1], 2)],
+            args=make_args(tmp_path, teacher_weights=[1.0, 2.0, 3.0]),
+            train_dataset=sequence_dataset(),
+        )

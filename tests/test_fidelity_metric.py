@@ -216,6 +216,7 @@ def test_path_is_the_module_folder():
     assert hf_distill.metrics.DISTILLATION_FIDELITY == DISTILLATION_FIDELITY
 
 
+@pytest.mark.slow
 def test_loads_offline_in_a_fresh_process(tmp_path):
     """`evaluate.load(path)` and `load_distillation_fidelity()`: Hub off, empty caches, no reachable endpoint."""
     script = textwrap.dedent(

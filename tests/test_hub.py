@@ -21,9 +21,17 @@ import urllib.request
 import pytest
 import torch
 import transformers.utils.hub
-from conftest import MNIST_DIR, REPO_ROOT, PlainLogitsTeacher, PlainMLP, bert_config, features_dataset, sequence_dataset
-from huggingface_hub import ModelCard, ModelCardData, constants
+from conftest import (
+    MNIST_DIR,
+    REPO_ROOT,
+    PlainLogitsTeacher,
+    PlainMLP,
+    bert_config,
+    features_dataset,
+    sequence_dataset,
+)
 from hub_server import USER
+from huggingface_hub import ModelCard, ModelCardData, constants
 from safetensors.torch import load as load_safetensors
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, Trainer, TrainingArguments
 
@@ -52,7 +60,9 @@ with torch.no_grad():
 def point_hub_client_at(monkeypatch, endpoint: str) -> None:
     """Make this process's `huggingface_hub` (read at import) and transformers' shared `HfApi` use `endpoint`."""
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
 
 
@@ -82,9 +92,21 @@ def accuracy(eval_prediction) -> dict[str, float]:
 
 
 def make_args(output_dir, **overrides) -> DistillationTrainingArguments:
-    values = dict(output_dir=str(output_dir), per_device_train_batch_size=8, per_device_eval_batch_size=16,
-                  max_steps=2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-                  seed=0, data_seed=0, temperature=3.0, alpha=0.7)
+    values = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        temperature=3.0,
+        alpha=0.7,
+    )
     return DistillationTrainingArguments(**{**values, **overrides})
 
 
@@ -97,9 +119,19 @@ def load_in_fresh_process(hub_server, tmp_path, auto_class: str, repo_id: str, i
     """Logits of `repo_id` pulled from the server by a new Python process with an empty cache."""
     env = {**os.environ, **hub_server.client_env(tmp_path / "hf_home", token=TOKEN), "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(
-        [sys.executable, "-c", LOAD_AND_PREDICT, auto_class, repo_id, "import-hf-distill" if import_hf_distill else ""],
+        [
+            sys.executable,
+            "-c",
+            LOAD_AND_PREDICT,
+            auto_class,
+            repo_id,
+            "import-hf-distill" if import_hf_distill else "",
+        ],
         input=json.dumps({key: value.tolist() for key, value in inputs.items()}),
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
@@ -146,22 +178,46 @@ def pushed_student(hub_client, tmp_path_factory):
     student, teacher = bert_pair()
     teacher_commit = teacher.push_to_hub("tiny-teacher").oid
     train_set, eval_set = sequence_dataset(48, seed=1), sequence_dataset(32, seed=2)
-    args = make_args(output_dir, max_steps=4, push_to_hub=True, hub_model_id="tiny-student", hub_strategy="checkpoint",
-                     save_strategy="steps", save_steps=4, eval_strategy="steps", eval_steps=4)
-    trainer = DistillationTrainer(model=student, teacher_model=f"{USER}/tiny-teacher", args=args,
-                                  train_dataset=train_set, eval_dataset=eval_set, compute_metrics=accuracy)
+    args = make_args(
+        output_dir,
+        max_steps=4,
+        push_to_hub=True,
+        hub_model_id="tiny-student",
+        hub_strategy="checkpoint",
+        save_strategy="steps",
+        save_steps=4,
+        eval_strategy="steps",
+        eval_steps=4,
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=f"{USER}/tiny-teacher",
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        compute_metrics=accuracy,
+    )
     trainer.train()
     commit = trainer.push_to_hub(dataset_tags="hf-distill/random-tokens", dataset="random tokens")
-    return dict(trainer=trainer, teacher=trainer.teacher_model, teacher_commit=teacher_commit, eval_set=eval_set,
-                repo_id=trainer.hub_model_id, commit=commit, files=hub_client.repo_files(trainer.hub_model_id),
-                output_dir=output_dir)
+    return dict(
+        trainer=trainer,
+        teacher=trainer.teacher_model,
+        teacher_commit=teacher_commit,
+        eval_set=eval_set,
+        repo_id=trainer.hub_model_id,
+        commit=commit,
+        files=hub_client.repo_files(trainer.hub_model_id),
+        output_dir=output_dir,
+    )
 
 
+@pytest.mark.slow
 def test_pulled_student_gives_identical_logits_in_a_fresh_process(pushed_student, hub_server, tmp_path):
     inputs = {"input_ids": torch.tensor(pushed_student["eval_set"]["input_ids"][:5])}
     expected = local_logits(pushed_student["trainer"].model, inputs)
-    pulled = load_in_fresh_process(hub_server, tmp_path, "AutoModelForSequenceClassification",
-                                   pushed_student["repo_id"], inputs)
+    pulled = load_in_fresh_process(
+        hub_server, tmp_path, "AutoModelForSequenceClassification", pushed_student["repo_id"], inputs
+    )
     assert torch.equal(pulled, expected)
     # It really came from the server, through the LFS redirect of a real Hub download.
     weights = re.compile(rf"^/{pushed_student['repo_id']}/resolve/[^/]+/model\.safetensors$")
@@ -178,7 +234,9 @@ def test_push_uploads_the_student_and_never_a_teacher_tensor(pushed_student):
     student_keys = set(trainer.model.state_dict())
     assert set(load_safetensors(files["model.safetensors"])) == student_keys
     # No stored tensor is a teacher tensor (constant ones, e.g. LayerNorm's initial 1s, prove nothing either way).
-    teacher_tensors = [t for t in teacher.state_dict().values() if t.numel() > 1 and not torch.all(t == t.flatten()[0])]
+    teacher_tensors = [
+        t for t in teacher.state_dict().values() if t.numel() > 1 and not torch.all(t == t.flatten()[0])
+    ]
     stored = tensors_in(files)
     assert any(name.startswith("last-checkpoint/optimizer.pt") for name in stored)
     for name, tensor in stored.items():
@@ -216,8 +274,13 @@ def test_card_states_lineage_loss_and_student_vs_teacher_results(pushed_student)
     # The teacher's column, checked against a plain `Trainer` evaluation of the teacher: its accuracy, and its own
     # label loss as `eval_loss_ce`; the comparison terms are trivial for the teacher against itself.
     table = card_results_table(text)
-    plain_args = TrainingArguments(output_dir=str(pushed_student["output_dir"] / "plain"), report_to=[], use_cpu=True,
-                                   per_device_eval_batch_size=16, disable_tqdm=True)
+    plain_args = TrainingArguments(
+        output_dir=str(pushed_student["output_dir"] / "plain"),
+        report_to=[],
+        use_cpu=True,
+        per_device_eval_batch_size=16,
+        disable_tqdm=True,
+    )
     teacher_results = Trainer(model=teacher, args=plain_args, compute_metrics=accuracy).evaluate(eval_set)
     expected = {
         "eval_loss": (student_results["eval_loss"], (1 - 0.7) * teacher_results["eval_loss"]),
@@ -235,8 +298,12 @@ def test_card_states_lineage_loss_and_student_vs_teacher_results(pushed_student)
 
 def raw_request(hub_server, method: str, path: str, body: bytes = b"", headers: dict | None = None):
     """(status, JSON body) of one request to the server, bypassing the client library's own checks."""
-    request = urllib.request.Request(hub_server.endpoint + path, data=body or None, method=method,
-                                     headers={"Authorization": f"Bearer {TOKEN}", **(headers or {})})
+    request = urllib.request.Request(
+        hub_server.endpoint + path,
+        data=body or None,
+        method=method,
+        headers={"Authorization": f"Bearer {TOKEN}", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read() or b"null")
@@ -256,11 +323,22 @@ def test_hub_server_refuses_malformed_requests(hub):
         "no files list": ("POST", f"/api/models/{USER}/strict/preupload/main", b"{}", None),
         "commit not NDJSON": ("POST", f"/api/models/{USER}/strict/commit/main", header, None),
         "commit without header": ("POST", f"/api/models/{USER}/strict/commit/main", b'{"key": "file"}\n', ndjson),
-        "path escaping the repo": ("POST", f"/api/models/{USER}/strict/commit/main", header + json.dumps(
-            {"key": "file", "value": {"path": "../x", "content": "", "encoding": "base64"}}).encode(), ndjson),
-        "LFS object never uploaded": ("POST", f"/api/models/{USER}/strict/commit/main", header + json.dumps(
-            {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": "0" * 64, "size": 1}}
-        ).encode(), ndjson),
+        "path escaping the repo": (
+            "POST",
+            f"/api/models/{USER}/strict/commit/main",
+            header
+            + json.dumps({"key": "file", "value": {"path": "../x", "content": "", "encoding": "base64"}}).encode(),
+            ndjson,
+        ),
+        "LFS object never uploaded": (
+            "POST",
+            f"/api/models/{USER}/strict/commit/main",
+            header
+            + json.dumps(
+                {"key": "lfsFile", "value": {"path": "w.bin", "algo": "sha256", "oid": "0" * 64, "size": 1}}
+            ).encode(),
+            ndjson,
+        ),
         "unknown repo": ("GET", f"/{USER}/missing/resolve/main/config.json", b"", None),
         "unknown route": ("GET", "/api/spaces", b"", None),
     }
@@ -282,8 +360,9 @@ def assert_complete_student_in(output_dir, model) -> None:
 def test_push_failing_on_commit_raises_clearly_and_keeps_output_dir(hub_client, tmp_path):
     student, teacher = bert_pair()
     args = make_args(tmp_path / "out", push_to_hub=True, hub_model_id="failing-commit-student")
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
-                                  train_dataset=sequence_dataset(16, seed=1))
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=sequence_dataset(16, seed=1)
+    )
     trainer.train()
     hub_client.fail("commit", 500)
     try:
@@ -300,8 +379,9 @@ def test_push_failing_on_commit_raises_clearly_and_keeps_output_dir(hub_client, 
 def test_push_to_unreachable_endpoint_raises_clearly_and_keeps_output_dir(hub_client, monkeypatch, tmp_path):
     student, teacher = bert_pair()
     args = make_args(tmp_path / "out", hub_model_id="unreachable-student")
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
-                                  train_dataset=sequence_dataset(16, seed=1))
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=sequence_dataset(16, seed=1)
+    )
     trainer.train()
     endpoint = closed_port_endpoint()
     point_hub_client_at(monkeypatch, endpoint)
@@ -318,8 +398,14 @@ def test_card_for_plain_module_student_and_teacher(tmp_path):
     student, teacher = PlainMLP(hidden=16), PlainLogitsTeacher()
     eval_set = features_dataset(24, seed=2)
     args = make_args(tmp_path / "out", distillation_loss="jsd", jsd_beta=0.3, eval_strategy="steps", eval_steps=2)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=features_dataset(16),
-                                  eval_dataset=eval_set, compute_metrics=accuracy)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=features_dataset(16),
+        eval_dataset=eval_set,
+        compute_metrics=accuracy,
+    )
     trainer.train()
     rng_state = torch.random.get_rng_state()
     card = build_distillation_model_card(trainer)
@@ -340,8 +426,12 @@ def test_card_names_a_local_teacher_by_its_directory_only(tmp_path):
     teacher_dir = tmp_path / "private" / "my-teacher"
     teacher.save_pretrained(teacher_dir)
     torch.manual_seed(0)
-    trainer = DistillationTrainer(model=BertForSequenceClassification(bert_config(16)), teacher_model=str(teacher_dir),
-                                  args=make_args(tmp_path / "out"), train_dataset=sequence_dataset(8))
+    trainer = DistillationTrainer(
+        model=BertForSequenceClassification(bert_config(16)),
+        teacher_model=str(teacher_dir),
+        args=make_args(tmp_path / "out"),
+        train_dataset=sequence_dataset(8),
+    )
     card = build_distillation_model_card(trainer)
     lineage = card.data.distillation
     assert lineage["teacher"] == "my-teacher" and lineage["teacher_source"] == "local"
@@ -356,11 +446,37 @@ def test_mnist_example_pushes_a_student_that_loads_from_the_hub(hub_client, tmp_
         pytest.skip(f"MNIST not found at {MNIST_DIR}")
     output_dir = tmp_path / "mnist"
     env = {**os.environ, **hub_client.client_env(tmp_path / "hf_home", token=TOKEN), "PYTHONPATH": str(REPO_ROOT)}
-    command = [sys.executable, str(EXAMPLE), "--data_dir", str(MNIST_DIR), "--output_dir", str(output_dir),
-               "--max_train_samples", "300", "--max_test_samples", "100", "--validation_size", "100",
-               "--teacher_hidden_sizes", "32", "--teacher_epochs", "1", "--student_hidden_sizes", "16",
-               "--num_train_epochs", "1", "--temperature", "3.0", "--num_threads", "1", "--report_to", "none",
-               "--push_to_hub", "--hub_model_id", "mnist-student"]
+    command = [
+        sys.executable,
+        str(EXAMPLE),
+        "--data_dir",
+        str(MNIST_DIR),
+        "--output_dir",
+        str(output_dir),
+        "--max_train_samples",
+        "300",
+        "--max_test_samples",
+        "100",
+        "--validation_size",
+        "100",
+        "--teacher_hidden_sizes",
+        "32",
+        "--teacher_epochs",
+        "1",
+        "--student_hidden_sizes",
+        "16",
+        "--num_train_epochs",
+        "1",
+        "--temperature",
+        "3.0",
+        "--num_threads",
+        "1",
+        "--report_to",
+        "none",
+        "--push_to_hub",
+        "--hub_model_id",
+        "mnist-student",
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -369,8 +485,9 @@ def test_mnist_example_pushes_a_student_that_loads_from_the_hub(hub_client, tmp_
     assert "knowledge-distillation" in card.data.tags and card.data.distillation["temperature"] == 3.0
     assert "eval_teacher_agreement" in card_results_table(str(card))
     # Pulled with one standard call (here, in this process: a fresh one is tested above), it is the local student.
-    import hf_distill  # noqa: F401 - registers the MLP with the Auto classes
     from transformers import AutoModelForImageClassification
+
+    import hf_distill  # noqa: F401 - registers the MLP with the Auto classes
 
     pulled = AutoModelForImageClassification.from_pretrained(repo_id, cache_dir=tmp_path / "cache")
     local = AutoModelForImageClassification.from_pretrained(output_dir / "distilled")

@@ -10,6 +10,7 @@ import torch
 
 from hf_distill import losses
 
+
 TEMPERATURES = (1.0, 4.0, 20.0)
 
 
@@ -45,8 +46,10 @@ def test_divergence_matches_reference(loss_type, temperature):
     got = losses.distillation_divergence(student, teacher, temperature=temperature, loss_type=loss_type, jsd_beta=0.3)
     assert got.shape == (2, 5) and got.dtype == torch.float32
     expected = np.array(
-        [[reference_divergence(student[b, t], teacher[b, t], temperature, loss_type, 0.3) for t in range(5)]
-         for b in range(2)]
+        [
+            [reference_divergence(student[b, t], teacher[b, t], temperature, loss_type, 0.3) for t in range(5)]
+            for b in range(2)
+        ]
     )
     # float32 log-probabilities carry ~1e-7 absolute error before the T² factor scales it.
     np.testing.assert_allclose(got.numpy(), expected, rtol=2e-5, atol=1e-7 * temperature**2)
@@ -57,8 +60,9 @@ def test_divergence_is_computed_in_float32_from_half_inputs(loss_type):
     g = torch.Generator().manual_seed(1)
     student, teacher = torch.randn(4, 11, generator=g), torch.randn(4, 11, generator=g)
     half = losses.distillation_divergence(student.bfloat16(), teacher.bfloat16(), temperature=2.0, loss_type=loss_type)
-    full = losses.distillation_divergence(student.bfloat16().float(), teacher.bfloat16().float(), temperature=2.0,
-                                          loss_type=loss_type)
+    full = losses.distillation_divergence(
+        student.bfloat16().float(), teacher.bfloat16().float(), temperature=2.0, loss_type=loss_type
+    )
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full)
 
@@ -70,7 +74,9 @@ def test_zero_when_student_equals_teacher(loss_type, temperature):
     value = losses.distillation_divergence(logits, logits.clone(), temperature=temperature, loss_type=loss_type)
     assert value.abs().max().item() < 1e-7 * temperature**2  # float32 rounding, scaled by T²
     shifted = losses.distillation_divergence(logits + 3.0, logits, temperature=temperature, loss_type=loss_type)
-    assert shifted.abs().max().item() < 1e-6 * temperature**2, "softmax (and centred MSE) ignore a per-row shift of the logits"
+    assert shifted.abs().max().item() < 1e-6 * temperature**2, (
+        "softmax (and centred MSE) ignore a per-row shift of the logits"
+    )
 
 
 @pytest.mark.parametrize("temperature", TEMPERATURES)

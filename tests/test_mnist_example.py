@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import MNIST_DIR, REPO_ROOT
-
 from mnist_data import ImageTensorDataset, jitter_images, load_digit_splits, read_idx
 
 

@@ -25,9 +25,14 @@ def bert_trainer(tmp_path, eval_dataset=None, **overrides) -> DistillationTraine
     torch.manual_seed(0)
     student, teacher = BertForSequenceClassification(bert_config(16)), BertForSequenceClassification(bert_config(32))
     eval_dataset = sequence_dataset(24, seed=2) if eval_dataset is None else eval_dataset
-    return DistillationTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path / "out", **overrides),
-                               train_dataset=sequence_dataset(16, seed=1), eval_dataset=eval_dataset,
-                               compute_metrics=accuracy)
+    return DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path / "out", **overrides),
+        train_dataset=sequence_dataset(16, seed=1),
+        eval_dataset=eval_dataset,
+        compute_metrics=accuracy,
+    )
 
 
 def test_evaluate_teacher_scores_the_teacher_against_itself_without_touching_the_trainer(tmp_path, capsys):
@@ -87,9 +92,13 @@ def test_evaluate_teacher_refuses_without_a_teacher_model_or_an_eval_set(tmp_pat
 
     torch.manual_seed(1)
     cached = precompute_teacher_logits(BertForSequenceClassification(bert_config(32)), sequence_dataset(16))
-    cache_only = DistillationTrainer(model=BertForSequenceClassification(bert_config(16)), teacher_model=None,
-                                     args=make_args(tmp_path / "cache"), train_dataset=cached,
-                                     eval_dataset=sequence_dataset(8, seed=2))
+    cache_only = DistillationTrainer(
+        model=BertForSequenceClassification(bert_config(16)),
+        teacher_model=None,
+        args=make_args(tmp_path / "cache"),
+        train_dataset=cached,
+        eval_dataset=sequence_dataset(8, seed=2),
+    )
     with pytest.raises(ValueError, match="no teacher model to evaluate"):
         cache_only.evaluate_teacher()
 
@@ -107,8 +116,11 @@ def hand_made_data(loss: str = "kl", **overrides) -> dict:
     divergence = get_distillation_loss(loss)
     data = {
         "model_name": "tiny-student",
-        "lineage": {"teacher": "org/tiny-teacher", "teacher_revision": "a" * 40,
-                    "teacher_architecture": "BertForSequenceClassification"},
+        "lineage": {
+            "teacher": "org/tiny-teacher",
+            "teacher_revision": "a" * 40,
+            "teacher_architecture": "BertForSequenceClassification",
+        },
         "loss_settings": {"loss": loss, "temperature": 2.0, "alpha": 0.9},
         "loss_formula": divergence.formula,
         "loss_description": divergence.description,
@@ -116,8 +128,15 @@ def hand_made_data(loss: str = "kl", **overrides) -> dict:
         "student_parameters": 1_000,
         "teacher_parameters": 4_000,
         "metadata": {"library_name": "transformers", "tags": ["knowledge-distillation", "hf-distill"]},
-        "eval_data": [{"key": None, "name": "tiny-set", "split": "validation", "num_examples": 24,
-                       "columns": ["input_ids", "labels"]}],
+        "eval_data": [
+            {
+                "key": None,
+                "name": "tiny-set",
+                "split": "validation",
+                "num_examples": 24,
+                "columns": ["input_ids", "labels"],
+            }
+        ],
         "student_results": {"eval_loss": 0.5, "eval_accuracy": 0.75},
         "teacher_results": {"eval_loss": 0.25, "eval_accuracy": 0.875},
         "results_source": "hand-made numbers",
@@ -135,12 +154,25 @@ def test_render_needs_no_trainer_and_gives_the_same_card_for_the_same_data():
     text = str(card)
     assert render_distillation_model_card(DistillationCardData(**data)).content == card.content
     assert card.data.distillation == {
-        "teacher": "org/tiny-teacher", "teacher_revision": "a" * 40,
-        "teacher_architecture": "BertForSequenceClassification", "teacher_parameters": 4000,
-        "student_parameters": 1000, "compression_ratio": 4.0, "loss": "kl", "temperature": 2.0, "alpha": 0.9,
+        "teacher": "org/tiny-teacher",
+        "teacher_revision": "a" * 40,
+        "teacher_architecture": "BertForSequenceClassification",
+        "teacher_parameters": 4000,
+        "student_parameters": 1000,
+        "compression_ratio": 4.0,
+        "loss": "kl",
+        "temperature": 2.0,
+        "alpha": 0.9,
     }
-    for section in ("# tiny-student", "## Teacher and student", "## Distillation", "## Evaluation: student vs teacher",
-                    "## Intended uses & limitations", "## Training and evaluation data", "## Citation"):
+    for section in (
+        "# tiny-student",
+        "## Teacher and student",
+        "## Distillation",
+        "## Evaluation: student vs teacher",
+        "## Intended uses & limitations",
+        "## Training and evaluation data",
+        "## Citation",
+    ):
         assert section in text, section
     assert "the teacher [org/tiny-teacher](https://huggingface.co/org/tiny-teacher)" in text
     assert "**4.00× fewer parameters**" in text
@@ -160,8 +192,14 @@ def test_render_writes_each_built_in_objective_as_before(loss):
 
 
 def test_render_of_minimal_data_says_what_is_missing():
-    data = hand_made_data(student_results={}, teacher_results={}, eval_data=[], results_source="no evaluation set",
-                          teacher_parameters=None, lineage={"teacher_architecture": "PlainLogitsTeacher"})
+    data = hand_made_data(
+        student_results={},
+        teacher_results={},
+        eval_data=[],
+        results_source="no evaluation set",
+        teacher_parameters=None,
+        lineage={"teacher_architecture": "PlainLogitsTeacher"},
+    )
     text = str(render_distillation_model_card(data))
     assert "No evaluation results (no evaluation set)" in text
     assert "a `PlainLogitsTeacher` teacher" in text and "Evaluation set: none." in text
@@ -175,9 +213,10 @@ def test_collected_data_is_plain_and_renders_to_the_built_card(tmp_path):
     plain = dataclasses.asdict(data)
     assert plain["loss_formula"] == "T² · KL(teacher_T ‖ student_T)"
     assert plain["eval_data"][0]["num_examples"] == 24 and plain["eval_data"][0]["name"] == "tiny-set"
-    assert render_distillation_model_card(plain).content == build_distillation_model_card(
-        trainer, dataset="tiny-set"
-    ).content
+    assert (
+        render_distillation_model_card(plain).content
+        == build_distillation_model_card(trainer, dataset="tiny-set").content
+    )
 
 
 def test_evaluate_teacher_mid_training_leaves_the_run_unchanged(tmp_path):
@@ -194,9 +233,13 @@ def test_evaluate_teacher_mid_training_leaves_the_run_unchanged(tmp_path):
         results = {}
         torch.manual_seed(0)
         student = BertForSequenceClassification(bert_config(16, hidden_dropout_prob=0.1))  # draws from torch's RNG
-        trainer = DistillationTrainer(model=student, teacher_model=BertForSequenceClassification(bert_config(32)),
-                                      args=make_args(tmp_path / name, max_steps=4, per_device_train_batch_size=4),
-                                      train_dataset=sequence_dataset(16, seed=1), eval_dataset=sequence_dataset(8))
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=BertForSequenceClassification(bert_config(32)),
+            args=make_args(tmp_path / name, max_steps=4, per_device_train_batch_size=4),
+            train_dataset=sequence_dataset(16, seed=1),
+            eval_dataset=sequence_dataset(8),
+        )
         if name == "with_teacher_evaluation":
             trainer.add_callback(EvaluateTeacherAtStep2())
         trainer.train()

@@ -1,9 +1,8 @@
 """`MLPConfig` / `MLPForImageClassification`: Auto-class round trip, shapes, loss, and the max-norm constraint."""
 
 import torch
-from transformers import AutoConfig, AutoModelForImageClassification, Trainer, TrainingArguments
-
 from mnist_data import ImageTensorDataset
+from transformers import AutoConfig, AutoModelForImageClassification, Trainer, TrainingArguments
 
 from hf_distill import MaxNormCallback, MLPConfig, MLPForImageClassification
 
@@ -80,8 +79,15 @@ def test_max_norm_callback_holds_the_constraint_during_trainer_training(tmp_path
     torch.manual_seed(0)
     dataset = ImageTensorDataset(torch.rand(64, 1, 6, 6), torch.randint(0, 4, (64,)))
     args = TrainingArguments(
-        output_dir=str(tmp_path), num_train_epochs=2, learning_rate=1.0, optim="sgd", per_device_train_batch_size=16,
-        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        num_train_epochs=2,
+        learning_rate=1.0,
+        optim="sgd",
+        per_device_train_batch_size=16,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
     )
 
     def trained_max_row_norm(max_norm, callbacks):

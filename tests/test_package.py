@@ -4,11 +4,13 @@ import importlib.util
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO_ROOT
 
 import hf_distill
 
 
+@pytest.mark.slow
 def test_importing_hf_distill_does_not_import_sklearn_or_matplotlib():
     code = "import hf_distill, sys; assert not {'sklearn','matplotlib'} & set(sys.modules)"
     # A fresh interpreter: this one may already have imported both (the MNIST example's tests do).

@@ -32,15 +32,28 @@ def test_every_private_use_is_listed():
     """Outside `private_apis.py`, no `._name` of another library's object is read (attributes of our own classes and
     `Trainer` state set by hf-distill's own subclass are fine)."""
     listed = (PACKAGE / "private_apis.py").read_text()
-    for name in ("_VALID_DICT_FIELDS", "_set_signature_columns_if_needed", "_signature_columns", "_internal_call",
-                 "Accelerator._models", "Trainer._prepare_inputs"):
+    for name in (
+        "_VALID_DICT_FIELDS",
+        "_set_signature_columns_if_needed",
+        "_signature_columns",
+        "_internal_call",
+        "Accelerator._models",
+        "Trainer._prepare_inputs",
+    ):
         assert f"{name}" in listed
     for path in PACKAGE.glob("*.py"):
         if path.name == "private_apis.py":
             continue
         text = path.read_text()
-        for name in ("_model_mapping", "_extra_content", "_commit_hash", "_internal_call", "accelerator._models",
-                     "TrainingArguments._VALID_DICT_FIELDS", "._prepare_inputs"):
+        for name in (
+            "_model_mapping",
+            "_extra_content",
+            "_commit_hash",
+            "_internal_call",
+            "accelerator._models",
+            "TrainingArguments._VALID_DICT_FIELDS",
+            "._prepare_inputs",
+        ):
             assert name not in text, f"{path.name} uses {name}: go through hf_distill.private_apis"
 
 
@@ -52,8 +65,10 @@ def test_training_arguments_parse_listed_dict_fields_from_json():
 
 def test_trainer_signature_columns_hook_decides_the_kept_columns(tmp_path):
     assert callable(getattr(Trainer, private_apis.SIGNATURE_COLUMNS_HOOK))
-    trainer = Trainer(model=BertForSequenceClassification(bert_config()),
-                      args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    trainer = Trainer(
+        model=BertForSequenceClassification(bert_config()),
+        args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+    )
     getattr(trainer, private_apis.SIGNATURE_COLUMNS_HOOK)()
     assert "input_ids" in trainer._signature_columns and "labels" in trainer._signature_columns
 
@@ -63,8 +78,10 @@ def test_save_model_takes_the_internal_call_flag():
 
 
 def test_trainer_prepare_inputs_puts_a_batch_on_the_device(tmp_path):
-    trainer = Trainer(model=BertForSequenceClassification(bert_config()),
-                      args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    trainer = Trainer(
+        model=BertForSequenceClassification(bert_config()),
+        args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+    )
     batch = private_apis.prepare_inputs(trainer, {"input_ids": torch.ones(2, 3, dtype=torch.long)})
     assert batch["input_ids"].device == trainer.args.device and batch["input_ids"].shape == (2, 3)
 
@@ -88,8 +105,9 @@ class RegisteredBertForSequenceClassification(BertForSequenceClassification):
 def test_task_of_registered_models_through_public_mappings(tmp_path):
     """`AutoModelFor....register` adds to the public mappings hf-distill reads (no private mapping internals)."""
     AutoConfig.register(RegisteredConfig.model_type, RegisteredConfig, exist_ok=True)
-    AutoModelForSequenceClassification.register(RegisteredConfig, RegisteredBertForSequenceClassification,
-                                                exist_ok=True)
+    AutoModelForSequenceClassification.register(
+        RegisteredConfig, RegisteredBertForSequenceClassification, exist_ok=True
+    )
     student = RegisteredBertForSequenceClassification(RegisteredConfig(**bert_config().to_dict()))
     assert auto_class_for(student) is AutoModelForSequenceClassification
     assert auto_class_for(BertForSequenceClassification(bert_config())) is AutoModelForSequenceClassification
@@ -111,7 +129,11 @@ def test_trainer_keeps_working_with_a_plain_module(tmp_path):
     """The private hook override keeps cached columns and still filters the student's inputs."""
     from conftest import PlainLogitsTeacher, PlainMLP
 
-    trainer = DistillationTrainer(model=PlainMLP(), teacher_model=PlainLogitsTeacher(), args=make_args(tmp_path),
-                                  train_dataset=features_dataset(n=8))
+    trainer = DistillationTrainer(
+        model=PlainMLP(),
+        teacher_model=PlainLogitsTeacher(),
+        args=make_args(tmp_path),
+        train_dataset=features_dataset(n=8),
+    )
     trainer._set_signature_columns_if_needed()
     assert "teacher_logits" in trainer._signature_columns and "features" in trainer._signature_columns

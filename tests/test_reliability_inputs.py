@@ -22,8 +22,9 @@ from hf_distill.chunked import chunked_distillation_loss
 def test_same_model_as_student_and_teacher_is_refused(tmp_path):
     student = seeded(TASKS["sequence_classification"][0], 0)
     with pytest.raises(ValueError, match="same model.*deepcopy"):
-        DistillationTrainer(model=student, teacher_model=student, args=make_args(tmp_path),
-                            train_dataset=sequence_dataset(n=8))
+        DistillationTrainer(
+            model=student, teacher_model=student, args=make_args(tmp_path), train_dataset=sequence_dataset(n=8)
+        )
 
 
 @pytest.mark.parametrize("how", ["module", "storage"])
@@ -38,8 +39,9 @@ def test_module_shared_with_the_teacher_is_refused_and_nothing_is_frozen(tmp_pat
         student.bert.pooler.dense.weight.data = teacher.bert.pooler.dense.weight.data
         match = "bert.pooler.dense.weight"
     with pytest.raises(ValueError, match=match):
-        DistillationTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path),
-                            train_dataset=sequence_dataset(n=8))
+        DistillationTrainer(
+            model=student, teacher_model=teacher, args=make_args(tmp_path), train_dataset=sequence_dataset(n=8)
+        )
     assert all(p.requires_grad for p in student.parameters()), "the refused teacher must not have been frozen"
 
 
@@ -48,8 +50,12 @@ def test_a_copied_module_trains_while_the_teachers_stays(tmp_path):
     student = BertForSequenceClassification(copy.deepcopy(teacher.config))
     student.bert.embeddings = copy.deepcopy(teacher.bert.embeddings)
     before = teacher.bert.embeddings.word_embeddings.weight.detach().clone()
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=sequence_dataset(n=16),
-                                  args=make_args(tmp_path, learning_rate=1e-2, max_steps=2))
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        train_dataset=sequence_dataset(n=16),
+        args=make_args(tmp_path, learning_rate=1e-2, max_steps=2),
+    )
     trainer.train()
     assert not torch.equal(student.bert.embeddings.word_embeddings.weight.detach(), before)
     assert torch.equal(teacher.bert.embeddings.word_embeddings.weight.detach(), before)
@@ -85,8 +91,9 @@ def test_missing_teacher_path_says_so(tmp_path):
     student = seeded(TASKS["sequence_classification"][0], 0)
     missing = str(tmp_path / "no" / "such" / "teacher")
     with pytest.raises(ValueError, match="teacher path .* does not exist"):
-        DistillationTrainer(model=student, teacher_model=missing, args=make_args(tmp_path),
-                            train_dataset=sequence_dataset(n=8))
+        DistillationTrainer(
+            model=student, teacher_model=missing, args=make_args(tmp_path), train_dataset=sequence_dataset(n=8)
+        )
 
 
 # ---- extreme temperatures ----
@@ -105,8 +112,9 @@ def test_high_temperatures_stay_accurate(loss_type):
         assert (values >= 0).all()
         np.testing.assert_allclose(values.detach().numpy(), expected, rtol=1e-4)
         mask = torch.ones(6, dtype=torch.bool)
-        chunked = chunked_distillation_loss(student, teacher, mask, temperature=temperature, loss_type=loss_type,
-                                            chunk_size=4)
+        chunked = chunked_distillation_loss(
+            student, teacher, mask, temperature=temperature, loss_type=loss_type, chunk_size=4
+        )
         assert chunked.item() == pytest.approx(sum(expected), rel=1e-4)
         (gradient,) = torch.autograd.grad(chunked, student)
         (expected_gradient,) = torch.autograd.grad(values.sum(), student)

@@ -50,9 +50,16 @@ def saved_weights(folder) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("logging_steps", [1, 10])
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_nonfinite_teacher_never_reaches_a_checkpoint(tmp_path, nan_filter, logging_steps, accumulation):
-    args = make_args(tmp_path, max_steps=4, logging_steps=logging_steps, logging_nan_inf_filter=nan_filter,
-                     save_strategy="steps", save_steps=1, per_device_train_batch_size=8 // accumulation,
-                     gradient_accumulation_steps=accumulation)
+    args = make_args(
+        tmp_path,
+        max_steps=4,
+        logging_steps=logging_steps,
+        logging_nan_inf_filter=nan_filter,
+        save_strategy="steps",
+        save_steps=1,
+        per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
+    )
     model = PlainMLP()
     # One teacher call per micro-batch: NaN from the first micro-batch of optimizer step 3.
     teacher = NaNAfterTeacher(nan_from=2 * accumulation + 1)
@@ -80,18 +87,26 @@ def prompt_only_rows_last(n: int = 4, empty: int = 2) -> datasets.Dataset:
 @pytest.mark.parametrize("nan_filter", [True, False])
 @pytest.mark.parametrize("accumulation", [2, 4])
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
-def test_a_micro_batch_without_counted_tokens_adds_nothing_to_the_logged_loss(tmp_path, nan_filter, accumulation,
-                                                                               alpha):
+def test_a_micro_batch_without_counted_tokens_adds_nothing_to_the_logged_loss(
+    tmp_path, nan_filter, accumulation, alpha
+):
     student_factory, teacher_factory, _ = TASKS["causal_lm"]
     teacher = seeded(teacher_factory, 1)
     runs = {}
     for name, ga in (("whole", 1), ("accumulated", accumulation)):
         # Sequential rows: with accumulation the last micro-batch (2 x 2) or the last two (4 x 1) count no token.
-        args = make_args(tmp_path / name, per_device_train_batch_size=4 // ga, gradient_accumulation_steps=ga,
-                         max_steps=1, alpha=alpha, logging_nan_inf_filter=nan_filter,
-                         train_sampling_strategy="sequential")
-        trainer = DistillationTrainer(model=seeded(student_factory, 0), teacher_model=teacher, args=args,
-                                      train_dataset=prompt_only_rows_last())
+        args = make_args(
+            tmp_path / name,
+            per_device_train_batch_size=4 // ga,
+            gradient_accumulation_steps=ga,
+            max_steps=1,
+            alpha=alpha,
+            logging_nan_inf_filter=nan_filter,
+            train_sampling_strategy="sequential",
+        )
+        trainer = DistillationTrainer(
+            model=seeded(student_factory, 0), teacher_model=teacher, args=args, train_dataset=prompt_only_rows_last()
+        )
         trainer.train()
         runs[name] = trainer
     keys = ("loss", "loss_ce") + (("loss_kd",) if alpha > 0 else ())
@@ -113,16 +128,26 @@ def test_alpha_zero_is_trainer_bit_for_bit(tmp_path, task, accumulation):
     and plain modules without accumulation): the same logged losses and the same weights as `Trainer`."""
     student_factory, teacher_factory, dataset_factory = TASKS[task]
     dataset = dataset_factory(n=48)
-    common = dict(output_dir=str(tmp_path / "plain"), per_device_train_batch_size=8 // accumulation,
-                  gradient_accumulation_steps=accumulation, max_steps=4, logging_steps=1, report_to=[], use_cpu=True,
-                  save_strategy="no", disable_tqdm=True, seed=3)
+    common = dict(
+        output_dir=str(tmp_path / "plain"),
+        per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
+        max_steps=4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=3,
+    )
     plain_model = seeded(student_factory, 0)
     plain = Trainer(model=plain_model, args=TrainingArguments(**common), train_dataset=dataset)
     plain.train()
     kd_model = seeded(student_factory, 0)
     args = DistillationTrainingArguments(**{**common, "output_dir": str(tmp_path / "kd")}, alpha=0.0)
-    kd = DistillationTrainer(model=kd_model, teacher_model=seeded(teacher_factory, 1), args=args,
-                             train_dataset=dataset)
+    kd = DistillationTrainer(
+        model=kd_model, teacher_model=seeded(teacher_factory, 1), args=args, train_dataset=dataset
+    )
     kd.train()
     assert len(logged(plain)) == 4 and logged(kd) == logged(plain)
     for (name, a), (_, b) in zip(plain_model.state_dict().items(), kd_model.state_dict().items()):
@@ -137,14 +162,27 @@ def test_alpha_zero_under_accumulation_is_the_mean_where_trainer_logs_a_multiple
     dataset = dataset_factory(n=16)
     first = {}
     for name, ga in (("whole", 1), ("accumulated", 2)):
-        common = dict(output_dir=str(tmp_path / name), per_device_train_batch_size=8 // ga,
-                      gradient_accumulation_steps=ga, max_steps=1, logging_steps=1, report_to=[], use_cpu=True,
-                      save_strategy="no", disable_tqdm=True, seed=3)
+        common = dict(
+            output_dir=str(tmp_path / name),
+            per_device_train_batch_size=8 // ga,
+            gradient_accumulation_steps=ga,
+            max_steps=1,
+            logging_steps=1,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=3,
+        )
         plain = Trainer(model=seeded(student_factory, 0), args=TrainingArguments(**common), train_dataset=dataset)
         plain.train()
         args = DistillationTrainingArguments(**{**common, "output_dir": str(tmp_path / f"{name}_kd")}, alpha=0.0)
-        kd = DistillationTrainer(model=seeded(student_factory, 0), teacher_model=seeded(teacher_factory, 1),
-                                 args=args, train_dataset=dataset)
+        kd = DistillationTrainer(
+            model=seeded(student_factory, 0),
+            teacher_model=seeded(teacher_factory, 1),
+            args=args,
+            train_dataset=dataset,
+        )
         kd.train()
         first[name] = logged(plain)[0], logged(kd)[0]
     assert first["whole"][1] == first["whole"][0]
@@ -163,8 +201,9 @@ def test_alpha_zero_causal_lm_is_the_mean_over_predicted_tokens(tmp_path):
     assert unshifted == shifted + 8
 
     with torch.no_grad():  # the step-1 loss is computed with the initial weights
-        logits = seeded(student_factory, 0)(input_ids=batch["input_ids"],
-                                            attention_mask=batch["attention_mask"]).logits.double()
+        logits = seeded(student_factory, 0)(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits.double()
     log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
     total = 0.0
     for row in range(labels.shape[0]):
@@ -174,14 +213,29 @@ def test_alpha_zero_causal_lm_is_the_mean_over_predicted_tokens(tmp_path):
                 total -= float(log_probs[row, position, target])
     by_hand = total / shifted
 
-    common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=1, logging_steps=1,
-                  report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=3)
-    plain = Trainer(model=seeded(student_factory, 0), train_dataset=dataset,
-                    args=TrainingArguments(output_dir=str(tmp_path / "plain"), **common))
+    common = dict(
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=3,
+    )
+    plain = Trainer(
+        model=seeded(student_factory, 0),
+        train_dataset=dataset,
+        args=TrainingArguments(output_dir=str(tmp_path / "plain"), **common),
+    )
     plain.train()
-    kd = DistillationTrainer(model=seeded(student_factory, 0), teacher_model=seeded(teacher_factory, 1),
-                             train_dataset=dataset,
-                             args=DistillationTrainingArguments(output_dir=str(tmp_path / "kd"), alpha=0.0, **common))
+    kd = DistillationTrainer(
+        model=seeded(student_factory, 0),
+        teacher_model=seeded(teacher_factory, 1),
+        train_dataset=dataset,
+        args=DistillationTrainingArguments(output_dir=str(tmp_path / "kd"), alpha=0.0, **common),
+    )
     kd.train()
     assert logged(kd)[0] == pytest.approx(by_hand, rel=1e-5)
     assert logged(kd)[0] / logged(plain)[0] == pytest.approx(unshifted / shifted, rel=1e-5)
@@ -202,8 +256,13 @@ def unlabeled_trainer(tmp_path, source, **overrides):
         eval_set = precompute_teacher_logits(teacher, unlabeled, batch_size=8, dtype="float32")
         teacher_model = None
     args = make_args(tmp_path, **{"alpha": 1.0, **overrides})
-    return DistillationTrainer(model=seeded(student_factory, 0), teacher_model=teacher_model, args=args,
-                               train_dataset=train_set, eval_dataset=eval_set)
+    return DistillationTrainer(
+        model=seeded(student_factory, 0),
+        teacher_model=teacher_model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+    )
 
 
 @pytest.mark.parametrize("source", ["online", "cached"])
@@ -230,10 +289,12 @@ def test_unlabeled_cached_data_predicts_with_a_plain_module(tmp_path):
     """A plain module's forward takes no teacher columns: prediction on cached, unlabeled data must not pass them."""
     student_factory, teacher_factory, _ = TASKS["plain_module"]
     teacher = seeded(teacher_factory, 1)
-    cached = precompute_teacher_logits(teacher, features_dataset(n=16).remove_columns("labels"), batch_size=8,
-                                       dtype="float32")
-    trainer = DistillationTrainer(model=seeded(student_factory, 0), teacher_model=None, train_dataset=cached,
-                                  args=make_args(tmp_path, alpha=1.0))
+    cached = precompute_teacher_logits(
+        teacher, features_dataset(n=16).remove_columns("labels"), batch_size=8, dtype="float32"
+    )
+    trainer = DistillationTrainer(
+        model=seeded(student_factory, 0), teacher_model=None, train_dataset=cached, args=make_args(tmp_path, alpha=1.0)
+    )
     prediction = trainer.predict(cached)
     assert prediction.predictions.shape == (16, 3)
     assert "test_loss_kd" in prediction.metrics and "test_teacher_agreement" in prediction.metrics
@@ -241,9 +302,18 @@ def test_unlabeled_cached_data_predicts_with_a_plain_module(tmp_path):
 
 @pytest.mark.parametrize("source", ["online", "cached"])
 def test_best_model_by_loss_kd_on_unlabeled_evaluation(tmp_path, source):
-    trainer = unlabeled_trainer(tmp_path, source, max_steps=2, eval_strategy="steps", eval_steps=1,
-                                save_strategy="steps", save_steps=1, load_best_model_at_end=True,
-                                metric_for_best_model="loss_kd", greater_is_better=False)
+    trainer = unlabeled_trainer(
+        tmp_path,
+        source,
+        max_steps=2,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss_kd",
+        greater_is_better=False,
+    )
     trainer.train()
     evaluations = [h for h in trainer.state.log_history if "eval_loss_kd" in h]
     assert len(evaluations) == 2
@@ -257,14 +327,27 @@ def test_best_model_by_loss_kd_on_unlabeled_evaluation(tmp_path, source):
 def test_metric_for_best_model_that_evaluation_cannot_produce_fails_at_construction(tmp_path, metric, case):
     student_factory, teacher_factory, _ = TASKS["sequence_classification"]
     teacher = seeded(teacher_factory, 1)
-    args = make_args(tmp_path, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
-                     load_best_model_at_end=True, metric_for_best_model=metric)
+    args = make_args(
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model=metric,
+    )
     if case == "no_teacher":  # a cached training set, an eval set without cache, no teacher to run on it
-        kwargs = dict(teacher_model=None, eval_dataset=sequence_dataset(n=8, seed=1),
-                      train_dataset=precompute_teacher_logits(teacher, sequence_dataset(n=8), batch_size=8))
+        kwargs = dict(
+            teacher_model=None,
+            eval_dataset=sequence_dataset(n=8, seed=1),
+            train_dataset=precompute_teacher_logits(teacher, sequence_dataset(n=8), batch_size=8),
+        )
     else:
-        kwargs = dict(teacher_model=teacher, train_dataset=sequence_dataset(n=8),
-                      eval_dataset=sequence_dataset(n=8, seed=1, labels=False))
+        kwargs = dict(
+            teacher_model=teacher,
+            train_dataset=sequence_dataset(n=8),
+            eval_dataset=sequence_dataset(n=8, seed=1, labels=False),
+        )
     with pytest.raises(ValueError, match=rf"metric_for_best_model='{metric}'"):
         DistillationTrainer(model=seeded(student_factory, 0), args=args, **kwargs)
 
@@ -296,8 +379,12 @@ def test_bad_evaluation_data_says_what_is_wrong(tmp_path, case, when):
     teacher = seeded(teacher_factory, 1)
     factory, pattern = BAD_EVALUATION_DATA[case]
     bad = factory(teacher)
-    kwargs = dict(model=seeded(student_factory, 0), teacher_model=teacher, args=make_args(tmp_path),
-                  train_dataset=sequence_dataset(n=8))
+    kwargs = dict(
+        model=seeded(student_factory, 0),
+        teacher_model=teacher,
+        args=make_args(tmp_path),
+        train_dataset=sequence_dataset(n=8),
+    )
     if when == "construction":
         with pytest.raises(ValueError, match=pattern):
             DistillationTrainer(**kwargs, eval_dataset=bad)
@@ -314,8 +401,12 @@ class NoRows(torch.utils.data.IterableDataset):
 
 def test_an_empty_iterable_evaluation_set_says_so(tmp_path):
     student_factory, teacher_factory, _ = TASKS["sequence_classification"]
-    trainer = DistillationTrainer(model=seeded(student_factory, 0), teacher_model=seeded(teacher_factory, 1),
-                                  args=make_args(tmp_path), train_dataset=sequence_dataset(n=8))
+    trainer = DistillationTrainer(
+        model=seeded(student_factory, 0),
+        teacher_model=seeded(teacher_factory, 1),
+        args=make_args(tmp_path),
+        train_dataset=sequence_dataset(n=8),
+    )
     with pytest.raises(ValueError, match="`eval_dataset` is empty"):
         trainer.evaluate(eval_dataset=NoRows())
 
@@ -339,8 +430,12 @@ def test_bad_training_data_says_what_is_wrong(tmp_path, case, with_teacher, patt
     else:
         dataset = precompute_teacher_logits(teacher, sequence_dataset(n=8), batch_size=8).to_iterable_dataset()
     with pytest.raises(ValueError, match=pattern):
-        DistillationTrainer(model=seeded(student_factory, 0), teacher_model=teacher if with_teacher else None,
-                            args=make_args(tmp_path), train_dataset=dataset).train()
+        DistillationTrainer(
+            model=seeded(student_factory, 0),
+            teacher_model=teacher if with_teacher else None,
+            args=make_args(tmp_path),
+            train_dataset=dataset,
+        ).train()
 
 
 # ---- resume=True after a save that was interrupted ----
@@ -402,7 +497,11 @@ def test_resume_true_skips_an_incomplete_newest_checkpoint(tmp_path, damage):
 def test_resume_true_without_a_complete_checkpoint_says_which_were_skipped(tmp_path):
     student_factory, teacher_factory, dataset_factory = TASKS["sequence_classification"]
     (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)
-    trainer = DistillationTrainer(model=seeded(student_factory, 0), teacher_model=seeded(teacher_factory, 1),
-                                  args=make_args(tmp_path), train_dataset=dataset_factory(n=16))
+    trainer = DistillationTrainer(
+        model=seeded(student_factory, 0),
+        teacher_model=seeded(teacher_factory, 1),
+        args=make_args(tmp_path),
+        train_dataset=dataset_factory(n=16),
+    )
     with pytest.raises(ValueError, match=r"No complete checkpoint in .*checkpoint-2"):
         trainer.train(resume_from_checkpoint=True)

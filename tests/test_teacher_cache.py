@@ -38,10 +38,24 @@ def logged(trainer, key="loss"):
 def build(tmp_path, name, task, teacher, dataset, **overrides):
     student_factory = TASKS[task][0]
     collator = padding_collator() if task == "sequence_classification" else None
-    args = make_args(tmp_path / name, **{"num_train_epochs": 3, "max_steps": -1, "per_device_train_batch_size": 8,
-                                         "temperature": 3.0, "alpha": 0.6, **overrides})
-    return DistillationTrainer(model=seeded(student_factory, 0), teacher_model=teacher, args=args,
-                               train_dataset=dataset, data_collator=collator)
+    args = make_args(
+        tmp_path / name,
+        **{
+            "num_train_epochs": 3,
+            "max_steps": -1,
+            "per_device_train_batch_size": 8,
+            "temperature": 3.0,
+            "alpha": 0.6,
+            **overrides,
+        },
+    )
+    return DistillationTrainer(
+        model=seeded(student_factory, 0),
+        teacher_model=teacher,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+    )
 
 
 def train(tmp_path, name, task, teacher, dataset, **overrides):
@@ -110,8 +124,10 @@ def test_top_k_cache_approximates_full_logits(tmp_path):
         errors.append(abs(logged(top_k, "loss_kd")[0] - logged(full, "loss_kd")[0]) / logged(full, "loss_kd")[0])
         # Agreement compares argmaxes, which top-k keeps exactly (evaluated on the full cache's student: same weights
         # only at k = V, so compare each trainer with itself on both caches).
-        assert top_k.evaluate(top_k_cache)["eval_teacher_agreement"] == top_k.evaluate(full_cache)[
-            "eval_teacher_agreement"]
+        assert (
+            top_k.evaluate(top_k_cache)["eval_teacher_agreement"]
+            == top_k.evaluate(full_cache)["eval_teacher_agreement"]
+        )
     print(f"relative error of the first KD term, top-4/16/32 of {vocab}: {errors}")
     assert errors[0] > errors[1] > errors[2] > 0
 
@@ -145,8 +161,12 @@ def test_mismatched_caches_raise_clear_errors(tmp_path):
         train(tmp_path, "temperature", task, None, ensemble)
 
     with pytest.raises(ValueError, match="teacher_model"):
-        DistillationTrainer(model=seeded(TASKS[task][0], 0), teacher_model=None, args=make_args(tmp_path),
-                            train_dataset=sequence_dataset())
+        DistillationTrainer(
+            model=seeded(TASKS[task][0], 0),
+            teacher_model=None,
+            args=make_args(tmp_path),
+            train_dataset=sequence_dataset(),
+        )
 
 
 def test_cache_of_another_ensemble_recipe_is_refused(tmp_path):
@@ -154,17 +174,22 @@ def test_cache_of_another_ensemble_recipe_is_refused(tmp_path):
     task = "sequence_classification"
     teachers = [seeded(TASKS[task][1], 1), seeded(TASKS[task][1], 2)]
     dataset = sequence_dataset(n=16)
-    geometric = precompute_teacher_logits(teachers, dataset, ensemble_reduction="mean_log_probs",
-                                          teacher_weights=[0.9, 0.1])
-    with pytest.raises(ValueError, match=r"ensemble_reduction='mean_log_probs', teacher_weights=\[0.9, 0.1\].*"
-                                         r"ensemble_reduction='mean_probs', teacher_weights=\[0.1, 0.9\].*"
-                                         r"precompute_teacher_logits"):
+    geometric = precompute_teacher_logits(
+        teachers, dataset, ensemble_reduction="mean_log_probs", teacher_weights=[0.9, 0.1]
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"ensemble_reduction='mean_log_probs', teacher_weights=\[0.9, 0.1\].*"
+        r"ensemble_reduction='mean_probs', teacher_weights=\[0.1, 0.9\].*"
+        r"precompute_teacher_logits",
+    ):
         build(tmp_path, "recipe", task, None, geometric, ensemble_reduction="mean_probs", teacher_weights=[0.1, 0.9])
     with pytest.raises(ValueError, match=r"teacher_weights=\[0.9, 0.1\].*teacher_weights=None"):
         build(tmp_path, "weights", task, None, geometric, ensemble_reduction="mean_log_probs")
     with pytest.raises(ValueError, match="ensemble_reduction"):  # with the teachers given too
-        build(tmp_path, "online", task, teachers, geometric, ensemble_reduction="mean_probs",
-              teacher_weights=[0.9, 0.1])
+        build(
+            tmp_path, "online", task, teachers, geometric, ensemble_reduction="mean_probs", teacher_weights=[0.9, 0.1]
+        )
     # Weights are compared normalised; no weights means uniform.
     build(tmp_path, "scaled", task, None, geometric, ensemble_reduction="mean_log_probs", teacher_weights=[9, 1])
     uniform = precompute_teacher_logits(teachers, dataset, temperature=3.0)
@@ -212,8 +237,9 @@ def test_stale_token_cache_after_retokenisation_is_refused(tmp_path, caplog):
     features = precompute_teacher_logits(PlainLogitsTeacher(), features_dataset(n=16))
     assert TEACHER_INPUT_HASH not in features.column_names
     with caplog.at_level("WARNING", logger="hf_distill"):
-        DistillationTrainer(model=TASKS["plain_module"][0](), teacher_model=None, args=make_args(tmp_path),
-                            train_dataset=features)
+        DistillationTrainer(
+            model=TASKS["plain_module"][0](), teacher_model=None, args=make_args(tmp_path), train_dataset=features
+        )
     assert "cannot be detected" not in caplog.text
 
 

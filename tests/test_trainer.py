@@ -31,9 +31,19 @@ from hf_distill import DistillationTrainer, DistillationTrainingArguments
 
 
 def make_args(tmp_path, **overrides) -> DistillationTrainingArguments:
-    values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
-                  max_steps=4, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-                  seed=0, data_seed=0)
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        max_steps=4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
     return DistillationTrainingArguments(**{**values, **overrides})
 
 
@@ -96,7 +106,12 @@ def test_loss_equals_reference(tmp_path, task, temperature, loss_type, masked):
         student_logits = student(**{k: v for k, v in batch.items() if k != "labels"}).logits
         teacher_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
     expected, expected_kd, expected_ce = reference_loss(
-        student_logits, teacher_logits, batch["labels"], T=temperature, alpha=0.7, loss_type=loss_type,
+        student_logits,
+        teacher_logits,
+        batch["labels"],
+        T=temperature,
+        alpha=0.7,
+        loss_type=loss_type,
         shift=task == "causal_lm",
     )
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6 * temperature**2)
@@ -112,16 +127,26 @@ def test_loss_equals_reference(tmp_path, task, temperature, loss_type, masked):
 def test_alpha_zero_is_bit_identical_to_trainer(tmp_path, task):
     student_factory, teacher_factory, dataset_factory = TASKS[task]
     dataset = dataset_factory(n=48)
-    common = dict(output_dir=str(tmp_path / "plain"), per_device_train_batch_size=8, max_steps=5, logging_steps=1,
-                  report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=3)
+    common = dict(
+        output_dir=str(tmp_path / "plain"),
+        per_device_train_batch_size=8,
+        max_steps=5,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=3,
+    )
     plain_model = seeded(student_factory, 0)
     plain = Trainer(model=plain_model, args=TrainingArguments(**common), train_dataset=dataset)
     plain.train()
 
     distilled_model = seeded(student_factory, 0)
     args = DistillationTrainingArguments(**{**common, "output_dir": str(tmp_path / "kd")}, alpha=0.0)
-    kd = DistillationTrainer(model=distilled_model, teacher_model=seeded(teacher_factory, 1), args=args,
-                             train_dataset=dataset)
+    kd = DistillationTrainer(
+        model=distilled_model, teacher_model=seeded(teacher_factory, 1), args=args, train_dataset=dataset
+    )
     kd.train()
 
     plain_losses = [h["loss"] for h in plain.state.log_history if "loss" in h]
@@ -138,11 +163,21 @@ def one_step_update(tmp_path, name, student_factory, teacher, dataset, batch_siz
     model = seeded(student_factory, 0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # SGD: the update is proportional to the gradient, so any mis-scaling shows (Adam's first step would hide it).
-    args = make_args(tmp_path / name, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                     max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
-                     temperature=2.0, alpha=0.6)
-    trainer = DistillationTrainer(model=model, teacher_model=teacher, args=args, train_dataset=dataset,
-                                  data_collator=collator)
+    args = make_args(
+        tmp_path / name,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        temperature=2.0,
+        alpha=0.6,
+    )
+    trainer = DistillationTrainer(
+        model=model, teacher_model=teacher, args=args, train_dataset=dataset, data_collator=collator
+    )
     micro_batch_counts = []
     original = trainer.compute_loss
 
@@ -182,8 +217,9 @@ def test_teacher_is_frozen_on_device_and_outside_the_optimizer(tmp_path):
     student, teacher = seeded(TASKS["sequence_classification"][0], 0), seeded(TASKS["sequence_classification"][1], 1)
     teacher.train()
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path),
-                                  train_dataset=sequence_dataset())
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=make_args(tmp_path), train_dataset=sequence_dataset()
+    )
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert all(p.device == trainer.args.device for p in teacher.parameters())
     trainer.train()
@@ -201,8 +237,13 @@ def test_evaluate_before_train_reports_kd_metrics(tmp_path):
     def accuracy(prediction):
         return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path, alpha=0.5),
-                                  eval_dataset=dataset, compute_metrics=accuracy)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, alpha=0.5),
+        eval_dataset=dataset,
+        compute_metrics=accuracy,
+    )
     metrics = trainer.evaluate()
     # The teacher is a copy of the student: full agreement, zero KD term, mixed loss = half the label loss.
     assert metrics["eval_teacher_agreement"] == 1.0
@@ -213,8 +254,12 @@ def test_evaluate_before_train_reports_kd_metrics(tmp_path):
 
 def test_training_logs_the_two_terms_and_the_loss_is_their_mix(tmp_path):
     student_factory, teacher_factory, dataset_factory = TASKS["sequence_classification"]
-    trainer = DistillationTrainer(model=seeded(student_factory, 0), teacher_model=seeded(teacher_factory, 1),
-                                  args=make_args(tmp_path, alpha=0.8, temperature=3.0), train_dataset=dataset_factory())
+    trainer = DistillationTrainer(
+        model=seeded(student_factory, 0),
+        teacher_model=seeded(teacher_factory, 1),
+        args=make_args(tmp_path, alpha=0.8, temperature=3.0),
+        train_dataset=dataset_factory(),
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 4
@@ -230,8 +275,12 @@ def test_bf16_autocast_reaches_the_teacher(tmp_path):
     teacher.bert.encoder.layer[0].attention.self.query.register_forward_hook(
         lambda module, inputs, output: dtypes.append(output.dtype)
     )
-    trainer = DistillationTrainer(model=seeded(student_factory, 0), teacher_model=teacher,
-                                  args=make_args(tmp_path, bf16=True, max_steps=2), train_dataset=dataset_factory())
+    trainer = DistillationTrainer(
+        model=seeded(student_factory, 0),
+        teacher_model=teacher,
+        args=make_args(tmp_path, bf16=True, max_steps=2),
+        train_dataset=dataset_factory(),
+    )
     trainer.train()
     assert dtypes and set(dtypes) == {torch.bfloat16}
     assert teacher.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.float32
@@ -243,9 +292,14 @@ def test_padded_causal_lm_vocabularies_use_the_tokenizers_range(tmp_path):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=_word_level_tokenizer(vocab), pad_token="t0")
     student = seeded(lambda: GPT2LMHeadModel(gpt2_config(16, vocab_size=48)), 0)
     teacher = seeded(lambda: GPT2LMHeadModel(gpt2_config(32, vocab_size=64)), 1)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path),
-                                  train_dataset=causal_lm_dataset(), processing_class=tokenizer,
-                                  data_collator=lambda rows: {k: torch.tensor([r[k] for r in rows]) for k in rows[0]})
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path),
+        train_dataset=causal_lm_dataset(),
+        processing_class=tokenizer,
+        data_collator=lambda rows: {k: torch.tensor([r[k] for r in rows]) for k in rows[0]},
+    )
     assert trainer._kd_vocab_size == 40
     trainer.train()
     assert all(math.isfinite(h["loss_kd"]) for h in trainer.state.log_history if "loss" in h)
@@ -305,18 +359,26 @@ def test_bad_arguments_name_the_parameter(tmp_path, overrides, parameter):
 )
 def test_bad_setups_raise_clear_errors(tmp_path, case, pattern):
     student = BertForSequenceClassification(bert_config(16))
-    kwargs = dict(model=student, teacher_model=BertForSequenceClassification(bert_config(32)), args=make_args(tmp_path),
-                  train_dataset=sequence_dataset())
+    kwargs = dict(
+        model=student,
+        teacher_model=BertForSequenceClassification(bert_config(32)),
+        args=make_args(tmp_path),
+        train_dataset=sequence_dataset(),
+    )
     if case == "no_teacher":
         kwargs["teacher_model"] = None
     elif case == "num_labels_mismatch":
         kwargs["teacher_model"] = BertForSequenceClassification(bert_config(32, num_labels=5))
     elif case == "vocabulary_mismatch":
-        kwargs.update(model=GPT2LMHeadModel(gpt2_config(16)),
-                      teacher_model=GPT2LMHeadModel(gpt2_config(16, vocab_size=64)), train_dataset=causal_lm_dataset())
+        kwargs.update(
+            model=GPT2LMHeadModel(gpt2_config(16)),
+            teacher_model=GPT2LMHeadModel(gpt2_config(16, vocab_size=64)),
+            train_dataset=causal_lm_dataset(),
+        )
     elif case == "plain_module_mismatch":
-        kwargs.update(model=PlainMLP(), teacher_model=PlainLogitsTeacher(num_labels=5),
-                      train_dataset=features_dataset())
+        kwargs.update(
+            model=PlainMLP(), teacher_model=PlainLogitsTeacher(num_labels=5), train_dataset=features_dataset()
+        )
     elif case == "alpha_without_labels":
         kwargs.update(args=make_args(tmp_path, alpha=0.5), train_dataset=sequence_dataset(labels=False))
     elif case == "plain_args":
@@ -327,8 +389,12 @@ def test_bad_setups_raise_clear_errors(tmp_path, case, pattern):
 
 def test_alpha_one_needs_no_labels(tmp_path):
     student_factory, teacher_factory, _ = TASKS["sequence_classification"]
-    trainer = DistillationTrainer(model=seeded(student_factory, 0), teacher_model=seeded(teacher_factory, 1),
-                                  args=make_args(tmp_path, alpha=1.0), train_dataset=sequence_dataset(labels=False))
+    trainer = DistillationTrainer(
+        model=seeded(student_factory, 0),
+        teacher_model=seeded(teacher_factory, 1),
+        args=make_args(tmp_path, alpha=1.0),
+        train_dataset=sequence_dataset(labels=False),
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs and all("loss_ce" not in h and h["loss"] == pytest.approx(h["loss_kd"], rel=1e-5) for h in logs)
@@ -337,8 +403,9 @@ def test_alpha_one_needs_no_labels(tmp_path):
 def test_nonfinite_teacher_logits_name_the_step(tmp_path):
     args = make_args(tmp_path, max_steps=5, save_strategy="steps", save_steps=1)
     model = PlainMLP()
-    trainer = DistillationTrainer(model=model, teacher_model=NaNAfterTeacher(nan_from=3), args=args,
-                                  train_dataset=features_dataset())
+    trainer = DistillationTrainer(
+        model=model, teacher_model=NaNAfterTeacher(nan_from=3), args=args, train_dataset=features_dataset()
+    )
     with pytest.raises(ValueError, match="NaN or inf logits at optimizer step 3"):
         trainer.train()
     # Raised before the bad step's update: the weights and the checkpoints written so far stay finite.
@@ -355,11 +422,15 @@ def test_chunked_kd_trains_like_the_naive_loss(tmp_path, loss_type):
     for name, chunk_size in (("naive", 0), ("chunked", 5)):
         model = seeded(student_factory, 0)
         trainer = DistillationTrainer(
-            model=model, teacher_model=teacher, train_dataset=causal_lm_dataset(n=16, ragged=True),
+            model=model,
+            teacher_model=teacher,
+            train_dataset=causal_lm_dataset(n=16, ragged=True),
             args=make_args(tmp_path / name, kd_chunk_size=chunk_size, distillation_loss=loss_type, temperature=2.0),
         )
         trainer.train()
-        runs[name] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
-                      torch.cat([p.detach().flatten() for p in model.parameters()]))
+        runs[name] = (
+            [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            torch.cat([p.detach().flatten() for p in model.parameters()]),
+        )
     assert runs["chunked"][0] == pytest.approx(runs["naive"][0], rel=1e-5)
     torch.testing.assert_close(runs["chunked"][1], runs["naive"][1], rtol=1e-5, atol=1e-6)

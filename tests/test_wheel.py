@@ -77,13 +77,19 @@ def installed_wheel(tmp_path_factory) -> tuple[Path, Path]:
     source = copy_build_inputs(tmp / "source")
     built = subprocess.run(
         [*PIP, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp / "dist"), str(source)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     (wheel,) = (tmp / "dist").glob("hf_distill-*.whl")
     site = tmp / "site"
-    installed = subprocess.run([*PIP, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
-                               capture_output=True, text=True, timeout=300)
+    installed = subprocess.run(
+        [*PIP, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
     return wheel, site
 
@@ -110,14 +116,27 @@ def test_installed_wheel_writes_a_card(installed_wheel, tmp_path):
     _, site = installed_wheel
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
     output_dir = tmp_path / "tiny-student"
-    result = subprocess.run([sys.executable, "-c", WRITE_CARD, str(site), str(output_dir)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", WRITE_CARD, str(site), str(output_dir)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     text = (output_dir / "README.md").read_text()
-    for section in ("# tiny-student", "## Teacher and student", "## Distillation", "## Evaluation: student vs teacher",
-                    "## Intended uses & limitations", "## Training and evaluation data", "## Training procedure",
-                    "## Citation"):
+    for section in (
+        "# tiny-student",
+        "## Teacher and student",
+        "## Distillation",
+        "## Evaluation: student vs teacher",
+        "## Intended uses & limitations",
+        "## Training and evaluation data",
+        "## Training procedure",
+        "## Citation",
+    ):
         assert section in text, section
     assert "alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · label_loss" in text
     assert "| eval_teacher_agreement" in text and "arXiv:1503.02531" in text

@@ -10,30 +10,51 @@ from pathlib import Path
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TASKS, causal_lm_dataset, seeded  # noqa: E402
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments  # noqa: E402
 
+
 output_dir, per_device_batch_size = sys.argv[1], int(sys.argv[2])
 student_factory, teacher_factory, _ = TASKS["causal_lm"]
 args = DistillationTrainingArguments(
-    output_dir=output_dir, per_device_train_batch_size=per_device_batch_size, max_steps=4, logging_steps=1,
-    optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", report_to=[], save_strategy="no",
-    disable_tqdm=True, seed=0, use_cpu=True, temperature=2.0, alpha=0.5,
+    output_dir=output_dir,
+    per_device_train_batch_size=per_device_batch_size,
+    max_steps=4,
+    logging_steps=1,
+    optim="sgd",
+    learning_rate=0.5,
+    lr_scheduler_type="constant",
+    report_to=[],
+    save_strategy="no",
+    disable_tqdm=True,
+    seed=0,
+    use_cpu=True,
+    temperature=2.0,
+    alpha=0.5,
 )
 student = seeded(student_factory, 0)
-trainer = DistillationTrainer(model=student, teacher_model=seeded(teacher_factory, 1), args=args,
-                              train_dataset=causal_lm_dataset(n=64, ragged=True))
+trainer = DistillationTrainer(
+    model=student,
+    teacher_model=seeded(teacher_factory, 1),
+    args=args,
+    train_dataset=causal_lm_dataset(n=64, ragged=True),
+)
 trainer.train()
 if trainer.is_world_process_zero():
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    Path(output_dir, "result.json").write_text(json.dumps({
-        "world_size": trainer.args.world_size,
-        "num_processes": trainer.accelerator.num_processes,
-        "teacher_wrapped": type(trainer.teacher_model).__name__,
-        "student_wrapped": type(trainer.model_wrapped).__name__,
-        "losses": [h["loss"] for h in logs],
-        "loss_kd": [h["loss_kd"] for h in logs],
-        "weight_norm": float(torch.cat([p.detach().flatten() for p in student.parameters()]).norm()),
-    }))
+    Path(output_dir, "result.json").write_text(
+        json.dumps(
+            {
+                "world_size": trainer.args.world_size,
+                "num_processes": trainer.accelerator.num_processes,
+                "teacher_wrapped": type(trainer.teacher_model).__name__,
+                "student_wrapped": type(trainer.model_wrapped).__name__,
+                "losses": [h["loss"] for h in logs],
+                "loss_kd": [h["loss_kd"] for h in logs],
+                "weight_norm": float(torch.cat([p.detach().flatten() for p in student.parameters()]).norm()),
+            }
+        )
+    )
