@@ -15,23 +15,26 @@ The trainer only wires; the math lives in `hf_distill.losses`. Hooks overridden,
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer
-from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import nested_detach
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from . import losses
 from .arguments import DistillationTrainingArguments
+from .checkpoints import last_complete_checkpoint
 from .chunked import chunked_distillation_loss
+from .data_checks import (
+    check_cache_has_metadata,
+    check_dataset,
+    check_labels_available,
+    check_metric_for_best_model,
+    eval_datasets,
+)
 from .distributed import needs_late_placement, place_teacher
 from .evaluation import cached_teacher_evaluation
 from .hub import push_errors_explained
@@ -104,50 +107,6 @@ class _DistillationStats:
         return metrics
 
 
-def _eval_datasets(eval_dataset) -> list:
-    """The evaluation datasets: one, or each of a dict of them."""
-    if eval_dataset is None:
-        return []
-    return list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
-
-
-def _teacher_columns(dataset) -> list[str]:
-    columns = getattr(dataset, "column_names", None) or []
-    return [column for column in TEACHER_COLUMNS if column in columns]
-
-
-def _check_cache_has_metadata(dataset, name: str) -> None:
-    """Cached teacher columns are used only with their metadata: which teacher made them, for which positions."""
-    columns = _teacher_columns(dataset)
-    if columns and read_cache_metadata(dataset) is None:
-        raise ValueError(
-            f"`{name}` carries cached teacher columns {columns} without their metadata (which teacher made them, for "
-            "which positions, top-k), so they cannot be checked against this run. An IterableDataset "
-            "(`to_iterable_dataset()`, streaming) or a dataset rebuilt from the columns drops it. Use the "
-            "`datasets.Dataset` that `precompute_teacher_logits` returned (`save_to_disk`/`load_from_disk` keep the "
-            "metadata), or remove the columns (`dataset.remove_columns(...)`) to run the teacher online."
-        )
-
-
-def _is_string_feature(feature) -> bool:
-    if getattr(feature, "dtype", None) in ("string", "large_string"):
-        return True
-    inner = getattr(feature, "feature", None)  # List / Sequence of labels (token level)
-    return inner is not None and _is_string_feature(inner)
-
-
-def _holds_strings(dataset, column: str) -> bool:
-    """Whether `column` of `dataset` holds strings: from its features, else from its first row."""
-    features = getattr(dataset, "features", None)
-    if features is not None:
-        return column in features and _is_string_feature(features[column])
-    try:
-        value = dataset[0][column]
-    except Exception:  # no such column, an iterable or exotic dataset: the collator will say
-        return False
-    return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], str))
-
-
 class DistillationTrainer(Trainer):
     """[`~transformers.Trainer`] that trains `model` (the student) to match `teacher_model` (Hinton et al., 2015).
 
@@ -195,7 +154,7 @@ class DistillationTrainer(Trainer):
                 f" {type(args).__name__}; build it with `DistillationTrainingArguments(...)` and the same fields."
             )
         self.teacher_cache_metadata = read_cache_metadata(kwargs.get("train_dataset"))
-        _check_cache_has_metadata(kwargs.get("train_dataset"), "train_dataset")
+        check_cache_has_metadata(kwargs.get("train_dataset"), "train_dataset")
         if teacher_model is None and self.teacher_cache_metadata is None:
             raise ValueError(
                 "DistillationTrainer needs a `teacher_model` (a model, an nn.Module returning logits, a path/Hub id, or a"
@@ -218,11 +177,13 @@ class DistillationTrainer(Trainer):
         self._kd_vocab_size = check_output_sizes(
             student, self.teacher_model, shift_labels=self._shift_labels, tokenizer_size=tokenizer_size
         )
-        self._check_dataset(self.train_dataset, "train_dataset")
-        for eval_dataset in _eval_datasets(self.eval_dataset):
-            self._check_dataset(eval_dataset, "eval_dataset")
-        self._check_labels_available()
-        self._check_metric_for_best_model()
+        check_dataset(self.train_dataset, "train_dataset", self.label_names)
+        for eval_dataset in eval_datasets(self.eval_dataset):
+            check_dataset(eval_dataset, "eval_dataset", self.label_names)
+        check_labels_available(self.train_dataset, self.args, self.label_names)
+        check_metric_for_best_model(
+            self.args, self.eval_dataset, has_teacher=self.teacher_model is not None, label_names=self.label_names
+        )
         check_cache_matches_run(self.train_dataset, self.args, self.teacher_model)
 
         # Cached teacher columns are batched by this wrapper, whatever the collator (see `_set_signature_columns_...`).
@@ -239,83 +200,6 @@ class DistillationTrainer(Trainer):
         self._distill_unlabeled = False
 
     # ---- construction helpers ----
-
-    def _check_labels_available(self) -> None:
-        needs_labels = self.args.alpha < 1.0 or (self.args.alpha_end is not None and self.args.alpha_end < 1.0)
-        if not needs_labels or self.train_dataset is None:
-            return
-        label_columns = set(self.label_names) | {"label", "label_ids"}
-        columns = getattr(self.train_dataset, "column_names", None)
-        if columns is None:
-            try:
-                first = self.train_dataset[0]
-            except Exception:  # iterable or exotic datasets: checked at the first step instead
-                return
-            columns = list(first.keys()) if isinstance(first, Mapping) else None
-        if columns is not None and not label_columns & set(columns):
-            raise ValueError(
-                f"alpha={self.args.alpha} gives the label loss a weight of {1 - self.args.alpha:g}, but the training "
-                f"dataset has no label column (columns: {sorted(columns)}). Add labels, or set alpha=1.0 to train on "
-                "the teacher's soft targets alone."
-            )
-
-    def _label_columns(self) -> set[str]:
-        return set(self.label_names) | {"label", "label_ids"}
-
-    def _check_dataset(self, dataset, name: str) -> None:
-        """Refuse a dataset that cannot be trained or evaluated on, saying why, before any step is spent on it."""
-        if dataset is None:
-            return
-        try:
-            empty = len(dataset) == 0
-        except TypeError:  # iterable: an empty evaluation set is reported by `evaluation_loop`
-            empty = False
-        if empty:
-            task = "train" if name == "train_dataset" else "evaluate"
-            raise ValueError(
-                f"`{name}` is empty (0 rows): there is nothing to {task} on. Check the filtering or `select` that "
-                "produced it, and pass a dataset with at least one row."
-            )
-        for column in sorted(self._label_columns()):
-            if _holds_strings(dataset, column):
-                raise ValueError(
-                    f"`{name}`: its label column '{column}' holds strings; the losses need integer class ids (or "
-                    f"token ids). Encode it first, e.g. `dataset.class_encode_column('{column}')` or a map through "
-                    "the student's `config.label2id`."
-                )
-        _check_cache_has_metadata(dataset, name)
-
-    def _check_metric_for_best_model(self) -> None:
-        """A `metric_for_best_model` that evaluation can never report fails now, not after the training it selects."""
-        metric = self.args.metric_for_best_model
-        if metric is None or self.eval_dataset is None:
-            return
-        reported = metric.removeprefix("eval_")
-        named = self.eval_dataset.items() if isinstance(self.eval_dataset, dict) else [(None, self.eval_dataset)]
-        for name, dataset in named:
-            key = reported
-            if name is not None:  # Trainer reports `eval_{name}_...` for each dataset of a dict
-                if not key.startswith(f"{name}_"):
-                    continue
-                key = key[len(name) + 1 :]
-            columns = getattr(dataset, "column_names", None)
-            no_teacher = self.teacher_model is None and not _teacher_columns(dataset)
-            if key in ("loss_kd", "teacher_agreement") and no_teacher:
-                reason = (
-                    "there is no `teacher_model` to run on the eval_dataset and it carries no cached teacher "
-                    "outputs. Pass the teacher, evaluate on a dataset from `precompute_teacher_logits`"
-                )
-            elif key == "loss_ce" and columns is not None and not self._label_columns() & set(columns):
-                reason = (
-                    "the eval_dataset has no label column (columns: "
-                    f"{sorted(columns)}). Add labels to it, choose 'loss_kd' or 'loss'"
-                )
-            else:
-                continue
-            raise ValueError(
-                f"metric_for_best_model={metric!r} can never be reported by evaluation: {reason}, or choose another "
-                "metric_for_best_model."
-            )
 
     def _set_signature_columns_if_needed(self):  # a private Trainer hook: see `hf_distill.private_apis`
         """Trainer's columns to keep (the student's inputs and labels), plus the cached teacher columns."""
@@ -592,7 +476,7 @@ class DistillationTrainer(Trainer):
 
     def get_eval_dataloader(self, eval_dataset=None):
         dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
-        self._check_dataset(dataset if dataset is not None else self.eval_dataset, "eval_dataset")
+        check_dataset(dataset if dataset is not None else self.eval_dataset, "eval_dataset", self.label_names)
         return super().get_eval_dataloader(eval_dataset)
 
     # ---- resuming ----
@@ -602,37 +486,8 @@ class DistillationTrainer(Trainer):
         `output_dir` (one whose `trainer_state.json`, which Trainer writes last, reads back), skipping a save that was
         interrupted, and logs the checkpoints it skipped."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = self._last_complete_checkpoint()
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
-
-    def _last_complete_checkpoint(self) -> str:
-        folder = self.args.output_dir
-        pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-        names = os.listdir(folder) if os.path.isdir(folder) else []
-        found = sorted(
-            (os.path.join(folder, n) for n in names if pattern.match(n) and os.path.isdir(os.path.join(folder, n))),
-            key=lambda path: int(pattern.match(os.path.basename(path)).group(1)),
-            reverse=True,
-        )
-        incomplete = []
-        for checkpoint in found:
-            try:
-                with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as f:
-                    json.load(f)
-            except (OSError, ValueError):  # missing, unreadable or truncated: the save did not finish
-                incomplete.append(checkpoint)
-                continue
-            if incomplete:
-                logger.warning(
-                    f"Skipping incomplete checkpoint(s) {incomplete} (no readable {TRAINER_STATE_NAME}, which Trainer "
-                    f"writes last: the save was interrupted); resuming from {checkpoint}."
-                )
-            return checkpoint
-        raise ValueError(
-            f"No complete checkpoint in {folder} to resume from (resume_from_checkpoint=True)"
-            + (f"; incomplete, without a readable {TRAINER_STATE_NAME}: {incomplete}" if incomplete else "")
-            + ". Train without resume_from_checkpoint, or pass the path of a complete checkpoint."
-        )
 
     # ---- Hub ----
 

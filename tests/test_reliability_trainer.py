@@ -479,7 +479,7 @@ def test_resume_true_skips_an_incomplete_newest_checkpoint(tmp_path, damage):
 
     resumed, model = build(interrupted)
     capture = _Capture()
-    trainer_logger = logging.getLogger("hf_distill.trainer")
+    trainer_logger = logging.getLogger("hf_distill.checkpoints")
     trainer_logger.addHandler(capture)
     try:
         resumed.train(resume_from_checkpoint=True)
