@@ -8,6 +8,7 @@ from .divergences import DISTILLATION_LOSSES, Divergence, get_distillation_loss,
 from .hub import PushToHubError
 from .losses import distillation_divergence, ensemble_teacher_logits
 from .modeling_mlp import MaxNormCallback, MLPConfig, MLPForImageClassification
+from .student_init import init_student_from_teacher
 from .teacher_cache import precompute_teacher_logits
 from .teachers import EnsembleTeacher, TeacherSignal
 from .trainer import DistillationTrainer
@@ -28,6 +29,7 @@ __all__ = [
     "distillation_divergence",
     "ensemble_teacher_logits",
     "get_distillation_loss",
+    "init_student_from_teacher",
     "precompute_teacher_logits",
     "register_distillation_loss",
 ]

@@ -35,12 +35,16 @@ read from a `datasets.Dataset` loaded from the Hub); and the lineage under a cus
       loss: kl
       temperature: 2.0
       alpha: 0.9
+      initialized_from_teacher_layers: [0, 2, 4, 7, 9, 11]   # only for a student made by init_student_from_teacher
 
 Why not ``base_model``: on the Hub, ``base_model`` declares that *this model's weights derive from* that model
 (fine-tune, adapter, merge, quantization) and puts the model in the base model's model tree. A distilled student's
 weights do not derive from the teacher's — the teacher only supplied training targets — so listing the teacher there
 would misstate the lineage (and the Hub would list the student as a fine-tune of its teacher). ``base_model`` keeps its
-meaning: the checkpoint the *student* was initialised from, if any (as `Trainer`'s card infers it).
+meaning: the checkpoint the *student* was initialised from, if any (as `Trainer`'s card infers it). A student made by
+`hf_distill.init_student_from_teacher` (DistilBERT's initialisation) is such a case: its weights *are* the teacher's,
+minus the dropped layers, so the teacher (its Hub id, recorded in the student's ``config.distillation_init``) is its
+``base_model``, and ``initialized_from_teacher_layers`` lists the kept layers.
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ class DistillationCardData:
 
     Attributes:
         model_name: the student's name (the card's title).
-        lineage: the teacher, as `describe_teacher` returns it (``teacher_architecture`` at least).
+        lineage: the teacher, as `describe_teacher` returns it (``teacher_architecture`` at least), and
+            ``initialized_from_teacher_layers`` for a student made by `hf_distill.init_student_from_teacher`.
         loss_settings: ``loss``, ``temperature``, ``alpha``, the divergence's options (``jsd_beta``), schedules
             (``temperature_schedule``/``temperature_end``, same for alpha), ``ensemble_reduction``, ``teacher_top_k``;
             the card's metadata and hyperparameters list them all.
@@ -91,7 +96,8 @@ class DistillationCardData:
         student_parameters, teacher_parameters: parameter counts (None when unknown: a teacher known by its outputs).
         metadata: the card's metadata as `transformers.modelcard.TrainingSummary.create_metadata` builds it (tags,
             datasets, model-index...); the ``distillation:`` key is added when rendering.
-        base_model: the checkpoint the student was initialised from, if any.
+        base_model: the checkpoint the student was initialised from, if any (the teacher, for a student made by
+            `hf_distill.init_student_from_teacher` from a Hub teacher).
         task: the task's name, when a single one is known.
         train_data, eval_data: one dict per dataset: ``key`` (its name in a dict of datasets, else None), ``name``,
             ``split``, ``num_examples`` (None when streamed) and ``columns``.
@@ -331,11 +337,21 @@ def _framework_versions() -> dict[str, str]:
     return versions
 
 
+def _initialized_from_teacher(student: nn.Module) -> dict[str, Any] | None:
+    """The record `hf_distill.init_student_from_teacher` leaves on the student's config, if any."""
+    record = getattr(getattr(student, "config", None), "distillation_init", None)
+    return record if isinstance(record, Mapping) else None
+
+
 def _student_base_model(student: nn.Module) -> str:
     """The Hub checkpoint the student was initialised from ('' if built from a config, or loaded from disk), as
-    `TrainingSummary.from_trainer` infers `finetuned_from` — done here because it assumes a `config`."""
+    `TrainingSummary.from_trainer` infers `finetuned_from` — done here because it assumes a `config` — or, for a
+    student made by `init_student_from_teacher` from a Hub teacher, that teacher."""
     name_or_path = getattr(getattr(student, "config", None), "name_or_path", "") or ""
-    return "" if os.path.isdir(name_or_path) else name_or_path
+    if name_or_path and not os.path.isdir(name_or_path):
+        return name_or_path
+    record = _initialized_from_teacher(student) or {}
+    return record.get("teacher", "") if "teacher_source" not in record else ""  # a local or unnamed teacher: none
 
 
 def _training_summary(
@@ -393,9 +409,12 @@ def distillation_card_data(
     summary = _training_summary(trainer, student, student_results, **create_model_card_kwargs)
     divergence = get_distillation_loss(args.distillation_loss)
     dataset_name = summary.dataset if isinstance(summary.dataset, str) else None
+    lineage = describe_teacher(teacher, args.teacher_model_init_kwargs, cache_metadata)
+    if (record := _initialized_from_teacher(student)) and "kept_layers" in record:
+        lineage["initialized_from_teacher_layers"] = list(record["kept_layers"])
     return DistillationCardData(
         model_name=summary.model_name,
-        lineage=describe_teacher(teacher, args.teacher_model_init_kwargs, cache_metadata),
+        lineage=lineage,
         loss_settings=_loss_settings(args, teacher, cache_metadata),
         loss_formula=divergence.formula,
         loss_description=divergence.description,
@@ -546,6 +565,7 @@ def render_distillation_model_card(data: DistillationCardData | Mapping[str, Any
         size_comparison=_size_comparison(data.teacher_parameters, data.student_parameters),
         hf_distill_version=data.hf_distill_version,
         base_model=data.base_model or None,
+        teacher_layers=data.lineage.get("initialized_from_teacher_layers"),
         models_table=_models_table(data),
         objective=f"alpha · {data.loss_formula} + (1 − alpha) · label_loss",
         loss_table=_loss_table(data),
