@@ -596,12 +596,16 @@ class IntermediateMatcher(nn.Module):
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.projections.state_dict().items()}
         save_file(tensors, os.path.join(folder, PROJECTIONS_FILE), metadata={"matches": json.dumps(self.describe())})
 
+    def saved_in(self, folder: str) -> bool:
+        """Whether checkpoint `folder` has what `load` needs (always, when no match needs a projection)."""
+        return not len(self.projections) or os.path.isfile(os.path.join(folder, PROJECTIONS_FILE))
+
     def load(self, folder: str) -> None:
         """Restore the projections saved in checkpoint `folder`, refusing a file written for other matches."""
         if not len(self.projections):
             return
         path = os.path.join(folder, PROJECTIONS_FILE)
-        if not os.path.isfile(path):
+        if not self.saved_in(folder):
             raise ValueError(
                 f"The checkpoint {folder} has no {PROJECTIONS_FILE}, the learned projections of the intermediate "
                 "matches: it was written by a run without these matches, or its save was interrupted. Resume from a "

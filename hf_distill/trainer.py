@@ -38,7 +38,7 @@ from .chunked import chunked_distillation_loss
 from .distributed import needs_late_placement, place_teacher
 from .evaluation import cached_teacher_evaluation
 from .hub import push_errors_explained
-from .intermediate import IntermediateMatchesCallback, build_intermediate_matcher
+from .intermediate import PROJECTIONS_FILE, IntermediateMatchesCallback, build_intermediate_matcher
 from .model_card import write_distillation_model_card
 from .models import accepted_arguments, counted_positions, is_encoder_decoder, is_token_level, logits_of, shifts_labels
 from .private_apis import prepare_inputs
@@ -688,10 +688,14 @@ class DistillationTrainer(Trainer):
             except (OSError, ValueError):  # missing, unreadable or truncated: the save did not finish
                 incomplete.append(checkpoint)
                 continue
+            if self._intermediate is not None and not self._intermediate.saved_in(checkpoint):  # written after it
+                incomplete.append(checkpoint)
+                continue
             if incomplete:
+                projections = f" or {PROJECTIONS_FILE}, written after it" if self._intermediate is not None else ""
                 logger.warning(
                     f"Skipping incomplete checkpoint(s) {incomplete} (no readable {TRAINER_STATE_NAME}, which Trainer "
-                    f"writes last: the save was interrupted); resuming from {checkpoint}."
+                    f"writes last{projections}: the save was interrupted); resuming from {checkpoint}."
                 )
             return checkpoint
         raise ValueError(

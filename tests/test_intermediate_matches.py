@@ -265,17 +265,19 @@ def test_projection_trains_is_checkpointed_resumes_exactly_and_is_never_saved_wi
         assert torch.equal(a.detach(), b.detach())
 
 
-def test_resuming_without_the_projections_file_is_refused(tmp_path):
+def test_a_checkpoint_without_the_projections_file_is_incomplete(tmp_path):
+    """An interrupted save (the projections are written after Trainer's files): refused by path, skipped by True."""
     matches = [{"student_layer": 1, "teacher_layer": 2}]
     trainer, _, _ = build(
         tmp_path, bert_student(), bert_teacher(), sequence_dataset(n=16), matches, save_strategy="steps", save_steps=2
     )
     trainer.train()
-    checkpoint = tmp_path / "out" / "checkpoint-2"
+    checkpoint = tmp_path / "out" / "checkpoint-4"
     (checkpoint / PROJECTIONS_FILE).unlink()
     again, _, _ = build(tmp_path, bert_student(), bert_teacher(), sequence_dataset(n=16), matches)
     with pytest.raises(ValueError, match=PROJECTIONS_FILE):
         again.train(resume_from_checkpoint=str(checkpoint))
+    assert again._last_complete_checkpoint() == str(tmp_path / "out" / "checkpoint-2")
 
 
 # ---- 3. normalisation: gradient accumulation stays exact ----
