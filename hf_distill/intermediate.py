@@ -480,6 +480,7 @@ class IntermediateMatcher(nn.Module):
                         "of consecutive teacher heads, so the teacher's count must be a multiple of the student's. "
                         "Use a student whose head count divides the teacher's, or drop the attention matches."
                     )
+        self.register_buffer("weights", torch.tensor([m.weight for m in self.matches]), persistent=False)
         self._layers: dict[str, tuple[nn.Module, _ModelLayers]] = {}
         self._with_attention = any(match.feature == "attention" for match in self.matches)
         for role, model in (("student", student), ("teacher", teacher)):
@@ -564,7 +565,7 @@ class IntermediateMatcher(nn.Module):
 
     def weighted_total(self, sums: torch.Tensor) -> torch.Tensor:
         """``Σ_m weight_m · sums_m``."""
-        return (sums * torch.tensor([m.weight for m in self.matches], device=sums.device)).sum()
+        return (sums * self.weights.to(sums.device)).sum()
 
     # ---- optimizer, distributed gradients, checkpoints ----
 

@@ -457,7 +457,7 @@ class DistillationTrainer(Trainer):
             student_inputs.pop("labels", None)
         # Intermediate matches: each model's matched layers are hooked for its one forward (`hf_distill.intermediate`).
         matching = self._intermediate is not None and (use_kd or training)
-        with self._capturing(self.accelerator.unwrap_model(model), "student", matching) as student_states:
+        with self._capturing(model, "student", matching) as student_states:
             outputs = model(**student_inputs)
         student_logits = logits_of(outputs)
 
@@ -516,7 +516,9 @@ class DistillationTrainer(Trainer):
 
     def _capturing(self, model, role: str, matching: bool):
         """The matched layers of `model` (`role`: "student" or "teacher") captured during the block, or nothing."""
-        return self._intermediate.capture(model, role) if matching else contextlib.nullcontext()
+        if not matching:
+            return contextlib.nullcontext()
+        return self._intermediate.capture(self.accelerator.unwrap_model(model), role)
 
     def _kd_sum(self, student_logits, teacher_logits, mask, temperature) -> torch.Tensor:
         """``Σ_counted T²·D``: chunked (bounded memory, same value and gradient) for large token-level logits."""
