@@ -6,6 +6,7 @@ from .arguments import DistillationTrainingArguments
 from .chunked import chunked_distillation_loss
 from .divergences import DISTILLATION_LOSSES, Divergence, get_distillation_loss, register_distillation_loss
 from .hub import PushToHubError
+from .intermediate import IntermediateMatch
 from .losses import distillation_divergence, ensemble_teacher_logits
 from .modeling_mlp import MaxNormCallback, MLPConfig, MLPForImageClassification
 from .student_init import init_student_from_teacher
@@ -20,6 +21,7 @@ __all__ = [
     "DistillationTrainingArguments",
     "Divergence",
     "EnsembleTeacher",
+    "IntermediateMatch",
     "MLPConfig",
     "MLPForImageClassification",
     "MaxNormCallback",

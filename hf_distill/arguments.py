@@ -9,6 +9,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .divergences import MAX_TEMPERATURE, get_distillation_loss
+from .intermediate import parse_intermediate_matches
 from .losses import ENSEMBLE_REDUCTIONS, SCHEDULES, check_ensemble_settings
 from .private_apis import TRAINING_ARGUMENTS_DICT_FIELDS
 
@@ -30,6 +31,8 @@ class DistillationTrainingArguments(TrainingArguments):
     * ``distillation_loss="kl"`` — the paper's soft-target loss (forward KL has the same gradient as its
       cross-entropy).
     * ``jsd_beta=0.5`` — the symmetric Jensen–Shannon divergence, when ``distillation_loss="jsd"``.
+    * ``intermediate_matches=None`` — logits only; hidden-state / attention matches are opt-in
+      (`hf_distill.intermediate`, docs/intermediate_matches.md).
     """
 
     _VALID_DICT_FIELDS = TRAINING_ARGUMENTS_DICT_FIELDS + ["teacher_model_init_kwargs"]  # see private_apis
@@ -106,6 +109,17 @@ class DistillationTrainingArguments(TrainingArguments):
         metadata={"help": "How alpha moves from `alpha` to `alpha_end` over training.", "choices": list(SCHEDULES)},
     )
 
+    intermediate_matches: list[dict[str, Any]] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Hidden-state / attention matches added to the loss (each term weight * match): a preset "
+            "('distilbert': cosine on the last hidden states; 'tinybert': TinyBERT's uniform layer map, hidden MSE + "
+            "attention MSE), or a list of {student_layer, teacher_layer, feature: hidden|attention, loss: "
+            "mse|cosine (hidden) or mse|kl (attention), weight} (JSON on the command line). Layers follow "
+            "`hidden_states`: 0 = embeddings, k = block k; attention maps exist for blocks 1..L."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         # Validated here, before any model is built or data is read, so a typo costs nothing.
@@ -161,3 +175,4 @@ class DistillationTrainingArguments(TrainingArguments):
                 "`teacher_model_init_kwargs` must be a dict (or a JSON object string on the command line), got "
                 f"{self.teacher_model_init_kwargs!r}."
             )
+        self.intermediate_matches = parse_intermediate_matches(self.intermediate_matches)

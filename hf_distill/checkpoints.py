@@ -14,9 +14,10 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
-def last_complete_checkpoint(folder: str) -> str:
+def last_complete_checkpoint(folder: str, also_needs: str | None = None) -> str:
     """The newest checkpoint in `folder` whose `trainer_state.json` (which Trainer writes last) reads back; logs the
-    newer, incomplete ones it skips (a save that was interrupted)."""
+    newer, incomplete ones it skips (a save that was interrupted). `also_needs`: a file written after Trainer's, which a
+    complete checkpoint holds too."""
     pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
     names = os.listdir(folder) if os.path.isdir(folder) else []
     found = sorted(
@@ -32,10 +33,14 @@ def last_complete_checkpoint(folder: str) -> str:
         except (OSError, ValueError):  # missing, unreadable or truncated: the save did not finish
             incomplete.append(checkpoint)
             continue
+        if also_needs is not None and not os.path.exists(os.path.join(checkpoint, also_needs)):
+            incomplete.append(checkpoint)
+            continue
         if incomplete:
+            extra = f" or {also_needs}, written after it" if also_needs is not None else ""
             logger.warning(
                 f"Skipping incomplete checkpoint(s) {incomplete} (no readable {TRAINER_STATE_NAME}, which Trainer "
-                f"writes last: the save was interrupted); resuming from {checkpoint}."
+                f"writes last{extra}: the save was interrupted); resuming from {checkpoint}."
             )
         return checkpoint
     raise ValueError(

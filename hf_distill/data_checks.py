@@ -78,7 +78,7 @@ def label_columns_of(label_names) -> set[str]:
     return set(label_names) | {"label", "label_ids"}
 
 
-def check_dataset(dataset, name: str, label_names) -> None:
+def check_dataset(dataset, name: str, label_names, needs_online_teacher: str | None = None) -> None:
     """Refuse a dataset that cannot be trained or evaluated on, saying why, before any step is spent on it."""
     if dataset is None:
         return
@@ -100,6 +100,11 @@ def check_dataset(dataset, name: str, label_names) -> None:
                 "the student's `config.label2id`."
             )
     check_cache_has_metadata(dataset, name)
+    if needs_online_teacher and teacher_columns(dataset):
+        raise ValueError(
+            f"`{name}` carries cached teacher columns {teacher_columns(dataset)}, but {needs_online_teacher}. Remove "
+            "the columns (`dataset.remove_columns(...)`) so the teacher runs, or drop `intermediate_matches`."
+        )
 
 
 def check_metric_for_best_model(args, eval_dataset, *, has_teacher: bool, label_names) -> None:

@@ -48,7 +48,8 @@ def _without_timing(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def _silent_copy_of_args(args, output_dir: str):
     """`trainer.args` for a side evaluation: same batch size, precision, collation and seeds; no logging, reporting,
-    saving or pushing, so it leaves no trace in the trainer's state, callbacks or `output_dir`."""
+    saving or pushing, so it leaves no trace in the trainer's state, callbacks or `output_dir`; no intermediate
+    matches, so its `loss` is the logit objective alone."""
     return dataclasses.replace(
         args,
         output_dir=output_dir,
@@ -59,6 +60,8 @@ def _silent_copy_of_args(args, output_dir: str):
         logging_strategy="no",
         load_best_model_at_end=False,
         disable_tqdm=True,
+        # The models' logits are compared; their layers are not (the teacher's own projections would be new ones).
+        intermediate_matches=None,
     )
 
 

@@ -289,6 +289,12 @@ def _loss_settings(args, teacher: nn.Module | None, cache_metadata: Mapping[str,
     return settings
 
 
+def _intermediate_matches(trainer: DistillationTrainer) -> dict[str, Any]:
+    """``{"intermediate_matches": [...]}``, the run's expanded layer matches (presets resolved), when it has any."""
+    matcher = getattr(trainer, "_intermediate", None)
+    return {"intermediate_matches": matcher.describe()} if matcher is not None else {}
+
+
 def _dataset_entry(dataset: Any, name: str | None, key: str | None = None) -> dict[str, Any]:
     """A dataset as plain values (see `DistillationCardData.train_data`)."""
     try:
@@ -415,7 +421,7 @@ def distillation_card_data(
     return DistillationCardData(
         model_name=summary.model_name,
         lineage=lineage,
-        loss_settings=_loss_settings(args, teacher, cache_metadata),
+        loss_settings=_loss_settings(args, teacher, cache_metadata) | _intermediate_matches(trainer),
         loss_formula=divergence.formula,
         loss_description=divergence.description,
         student_architecture=type(student).__name__,

@@ -11,6 +11,7 @@ silently somewhere in a run.
 | `Trainer.save_model(_internal_call=True)` | transformers | saving the student after a failed push without triggering another push | `save_model` pushes by itself when `push_to_hub=True` unless this flag is set |
 | `Trainer._prepare_inputs` | transformers | evaluation batches without labels, for which `DistillationTrainer.prediction_step` computes the KD terms itself, reach the device as in Trainer's own `prediction_step` | Trainer has no public method that prepares a batch (device placement, DeepSpeed dtype) |
 | `Accelerator._models` | accelerate | keep an FSDP-wrapped teacher out of the models `save_state` writes to checkpoints | `prepare_model` registers every model it wraps; there is no public way to wrap without registering |
+| `PreTrainedModel._can_record_outputs` | transformers | find, in each block, the module whose output holds the attention probabilities (attention matches hook only the matched blocks' ones) | `output_attentions=True` returns every layer's maps; the module that records them is named only there |
 """
 
 from __future__ import annotations
@@ -33,6 +34,21 @@ def save_model_without_push(trainer) -> None:
 def prepare_inputs(trainer, inputs):
     """`inputs` as `trainer.prediction_step` and `training_step` pass them to `compute_loss` (on the device)."""
     return trainer._prepare_inputs(inputs)
+
+
+def attention_recorder(model) -> tuple[type, int, str | None] | None:
+    """Where `model` records `output_attentions`: (module class, index of the probabilities in its output tuple, the
+    name the module must carry, e.g. ``"attn"`` to tell GPT-2's self-attention from its cross-attention), or None."""
+    spec = (getattr(model, "_can_record_outputs", None) or {}).get("attentions")
+    if isinstance(spec, list):
+        spec = spec[0] if spec else None
+    if spec is None or isinstance(spec, str):
+        return None
+    if isinstance(spec, type):  # a bare class: transformers records index 1 of its output for attentions
+        return spec, 1, None
+    if getattr(spec, "target_class", None) is None:
+        return None
+    return spec.target_class, spec.index, spec.layer_name
 
 
 def forget_prepared_model(accelerator, model) -> None:

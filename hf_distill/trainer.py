@@ -1,19 +1,22 @@
 """`DistillationTrainer`: a drop-in `transformers.Trainer` that distils a teacher into the student it trains.
 
-The trainer only wires; the math lives in `hf_distill.losses`. Hooks overridden, smallest first:
+The trainer only wires; the math lives in `hf_distill.losses` (intermediate matches: `hf_distill.intermediate`). Hooks
+overridden, smallest first:
 
 * `compute_loss` — runs the teacher, mixes the distillation and label losses, records the unweighted terms;
 * `get_batch_samples` — counts the positions of the whole accumulated (and, in DDP, all-process) batch, so the loss is
   normalised once per optimizer step and gradient accumulation is exact;
 * `training_step` — names the step when the teacher produced NaN/inf, before that step's update;
 * `prediction_step` — evaluation batches without labels still get the KD terms (Trainer computes no loss for them);
-* `log` / `evaluation_loop` — add `loss_kd`, `loss_ce` and `teacher_agreement` next to Trainer's own keys;
+* `log` / `evaluation_loop` — add `loss_kd`, `loss_ce`, `teacher_agreement` (and `loss_match_*`) next to Trainer's keys;
 * `get_eval_dataloader` — refuses evaluation data that cannot be evaluated (empty, string labels, unverifiable cache);
-* `train` — `resume_from_checkpoint=True` resumes from the newest *complete* checkpoint.
+* `create_optimizer` — adds the learned projections of `intermediate_matches` (`hf_distill.intermediate`);
+* `train` — `resume_from_checkpoint=True` resumes from the newest *complete* checkpoint (and restores the projections).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,6 +41,7 @@ from .data_checks import (
 from .distributed import needs_late_placement, place_teacher
 from .evaluation import cached_teacher_evaluation
 from .hub import push_errors_explained
+from .intermediate import PROJECTIONS_FILE, IntermediateMatchesCallback, build_intermediate_matcher
 from .model_card import write_distillation_model_card
 from .models import accepted_arguments, counted_positions, is_encoder_decoder, is_token_level, logits_of, shifts_labels
 from .private_apis import prepare_inputs
@@ -68,17 +72,20 @@ CHUNKED_KD_THRESHOLD = 1 << 24
 
 
 class _DistillationStats:
-    """Device-side running sums behind `loss_kd`, `loss_ce` and `teacher_agreement`; read (one sync) when logged."""
+    """Device-side running sums behind `loss_kd`, `loss_ce`, `teacher_agreement` and each intermediate match's
+    `loss_match_...` (its sum under its name, over `match_count` positions); read (one sync) when logged."""
 
     _FIELDS = ("kd_sum", "kd_count", "ce_sum", "ce_count", "agree", "agree_count")
 
-    def __init__(self):
+    def __init__(self, match_names: Sequence[str] = ()):
         self.totals: torch.Tensor | None = None
+        self.match_names = tuple(match_names)
+        self._fields = self._FIELDS + (self.match_names + ("match_count",) if self.match_names else ())
 
     def add(self, device: torch.device, **values: torch.Tensor | float) -> None:
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
         update = torch.stack(
-            [torch.as_tensor(values.get(name, 0.0), dtype=dtype, device=device).detach() for name in self._FIELDS]
+            [torch.as_tensor(values.get(name, 0.0), dtype=dtype, device=device).detach() for name in self._fields]
         )
         self.totals = update if self.totals is None else self.totals + update
 
@@ -91,12 +98,13 @@ class _DistillationStats:
             totals = (
                 totals
                 if totals is not None
-                else torch.zeros(len(self._FIELDS), dtype=torch.float64, device=accelerator.device)
+                else torch.zeros(len(self._fields), dtype=torch.float64, device=accelerator.device)
             )
             totals = accelerator.reduce(totals, reduction="sum")
         if totals is None:
             return {}
-        kd_sum, kd_count, ce_sum, ce_count, agree, agree_count = totals.tolist()
+        values = totals.tolist()
+        kd_sum, kd_count, ce_sum, ce_count, agree, agree_count = values[: len(self._FIELDS)]
         metrics = {}
         if kd_count > 0:
             metrics[f"{prefix}loss_kd"] = kd_sum / kd_count
@@ -104,6 +112,9 @@ class _DistillationStats:
             metrics[f"{prefix}teacher_agreement"] = agree / agree_count
         if ce_count > 0:
             metrics[f"{prefix}loss_ce"] = ce_sum / ce_count
+        if self.match_names and values[-1] > 0:
+            for name, match_sum in zip(self.match_names, values[len(self._FIELDS) : -1]):
+                metrics[f"{prefix}{name}"] = match_sum / values[-1]
         return metrics
 
 
@@ -117,7 +128,8 @@ class DistillationTrainer(Trainer):
     with `D`, `T` and `alpha` from [`DistillationTrainingArguments`] (T and alpha may follow a schedule) and the label
     loss being the student's own (its `outputs.loss`, Trainer's label smoother when `label_smoothing_factor > 0`, or
     `compute_loss_func`). A counted position is a row of a classifier, or a token whose label is not -100 (causal LMs:
-    shifted exactly as their loss).
+    shifted exactly as their loss). `args.intermediate_matches` adds ``Σ weight · match`` terms over the same positions
+    (hidden states / attention maps of chosen layers, `hf_distill.intermediate`).
 
     Args:
         model: the student, as for `Trainer`.
@@ -172,14 +184,15 @@ class DistillationTrainer(Trainer):
             teacher_model, student, self.args, device=self.args.device if self._teacher_prepared else None
         )
         self._is_ensemble = isinstance(self.teacher_model, EnsembleTeacher)
+        self._intermediate = self._build_intermediate_matcher()
         self._teacher_arguments = accepted_arguments(self.teacher_model) if self.teacher_model is not None else None
         tokenizer_size = len(self.processing_class) if hasattr(self.processing_class, "__len__") else None
         self._kd_vocab_size = check_output_sizes(
             student, self.teacher_model, shift_labels=self._shift_labels, tokenizer_size=tokenizer_size
         )
-        check_dataset(self.train_dataset, "train_dataset", self.label_names)
+        check_dataset(self.train_dataset, "train_dataset", self.label_names, self._needs_online_teacher)
         for eval_dataset in eval_datasets(self.eval_dataset):
-            check_dataset(eval_dataset, "eval_dataset", self.label_names)
+            check_dataset(eval_dataset, "eval_dataset", self.label_names, self._needs_online_teacher)
         check_labels_available(self.train_dataset, self.args, self.label_names)
         check_metric_for_best_model(
             self.args, self.eval_dataset, has_teacher=self.teacher_model is not None, label_names=self.label_names
@@ -190,8 +203,8 @@ class DistillationTrainer(Trainer):
         if not isinstance(self.data_collator, TeacherColumnsCollator):
             self.data_collator = TeacherColumnsCollator(self.data_collator)
 
-        self._train_stats = _DistillationStats()
-        self._eval_stats = _DistillationStats()
+        self._train_stats = self._new_stats()
+        self._eval_stats = self._new_stats()
         # Sticky device-side flags: set when teacher logits held NaN/inf, computed online or read from a cache (which
         # no teacher weights are to blame for); read together, only at points that sync anyway.
         self._teacher_nonfinite = torch.zeros((), dtype=torch.bool, device=self.args.device)
@@ -200,6 +213,31 @@ class DistillationTrainer(Trainer):
         self._distill_unlabeled = False
 
     # ---- construction helpers ----
+
+    def _build_intermediate_matcher(self):
+        """`args.intermediate_matches` resolved against the two models (`hf_distill.intermediate`), or None."""
+        if self.args.intermediate_matches is None:
+            return None
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "`intermediate_matches` are not supported with DeepSpeed or FSDP (their learned projections live "
+                "outside the wrapped student and its optimizer). Train with DDP or on one device, or drop them."
+            )
+        student = self.accelerator.unwrap_model(self.model)
+        matcher = build_intermediate_matcher(self.args.intermediate_matches, student, self.teacher_model)
+        matcher.to(self.args.device)
+        self.add_callback(IntermediateMatchesCallback(matcher))
+        return matcher
+
+    @property
+    def _needs_online_teacher(self) -> str | None:
+        """Why cached teacher columns cannot serve this run, or None."""
+        if self._intermediate is None:
+            return None
+        return "`intermediate_matches` need the teacher's hidden states, which only an online teacher forward gives"
+
+    def _new_stats(self) -> _DistillationStats:
+        return _DistillationStats(self._intermediate.names if self._intermediate is not None else ())
 
     def _set_signature_columns_if_needed(self):  # a private Trainer hook: see `hf_distill.private_apis`
         """Trainer's columns to keep (the student's inputs and labels), plus the cached teacher columns."""
@@ -272,7 +310,8 @@ class DistillationTrainer(Trainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """``alpha · KD + (1 − alpha) · label loss``, normalised by the counted positions of the optimizer step.
+        """``alpha · KD + (1 − alpha) · label loss (+ Σ weight · match)``, normalised by the counted positions of the
+        optimizer step.
 
         In training `num_items_in_batch` (from `get_batch_samples`) is the count over all micro-batches of the step
         and all processes; each micro-batch contributes its *sum* divided by it. In evaluation the loss is the
@@ -301,23 +340,35 @@ class DistillationTrainer(Trainer):
         own_label_loss = need_label and self.label_smoother is None and self.compute_loss_func is None
         if not own_label_loss or (self._student_arguments is not None and "labels" not in self._student_arguments):
             student_inputs.pop("labels", None)
-        outputs = model(**student_inputs)
+        # Intermediate matches: each model's matched layers are hooked for its one forward (`hf_distill.intermediate`).
+        matching = self._intermediate is not None and (use_kd or training)
+        with self._capturing(model, "student", matching) as student_states:
+            outputs = model(**student_inputs)
         student_logits = logits_of(outputs)
 
         count = mask.sum()
         stats = {}
-        if use_kd:
-            signal = self._teacher_signal(student_logits, inputs, cached, mask, temperature)
-            kd_sum = self._kd_sum(signal.student_logits, signal.teacher_logits, signal.mask, temperature)
-            # One float32 reduction instead of an elementwise `isfinite` (NaN/inf anywhere make the sum non-finite).
-            nonfinite = ~torch.isfinite(signal.teacher_logits.sum(dtype=torch.float32))
-            if cached:
-                self._cached_teacher_nonfinite |= nonfinite
-            else:
-                self._teacher_nonfinite |= nonfinite
-            stats.update(kd_sum=kd_sum, kd_count=count)
-            if not training:  # two argmaxes over [..., V]: an evaluation metric, not paid on every training step
-                stats.update(agree=signal.agreement(), agree_count=count)
+        with self._capturing(self.teacher_model, "teacher", matching) as teacher_states:
+            if use_kd:
+                signal = self._teacher_signal(student_logits, inputs, cached, mask, temperature)
+                kd_sum = self._kd_sum(signal.student_logits, signal.teacher_logits, signal.mask, temperature)
+                # One float32 reduction instead of an elementwise `isfinite` (NaN/inf anywhere make the sum non-finite).
+                nonfinite = ~torch.isfinite(signal.teacher_logits.sum(dtype=torch.float32))
+                if cached:
+                    self._cached_teacher_nonfinite |= nonfinite
+                else:
+                    self._teacher_nonfinite |= nonfinite
+                stats.update(kd_sum=kd_sum, kd_count=count)
+                if not training:  # two argmaxes over [..., V]: an evaluation metric, not paid on every training step
+                    stats.update(agree=signal.agreement(), agree_count=count)
+            elif matching:  # alpha = 0: the teacher runs for the matches alone
+                teacher_logits = self._teacher_logits(inputs, temperature)
+                self._teacher_nonfinite |= ~torch.isfinite(teacher_logits.sum(dtype=torch.float32))
+        if matching:
+            match_sums = self._intermediate.match_sums(
+                student_states, teacher_states, mask, inputs.get("attention_mask"), shift=self._shift_labels
+            )
+            stats.update(zip(self._intermediate.names, match_sums), match_count=count)
         if need_label:
             label_mean = self._label_loss(outputs, student_logits, labels)
             # The student's loss is a mean over exactly these positions. Over none (a micro-batch of SFT rows that are
@@ -335,6 +386,8 @@ class DistillationTrainer(Trainer):
             loss = kd_sum / count.clamp(min=1)
         else:
             loss = (alpha * kd_sum + (1.0 - alpha) * label_sum) / count.clamp(min=1)
+        if matching:  # + Σ weight · match, a mean over the same counted positions
+            loss = loss + self._intermediate.weighted_total(match_sums) / count.clamp(min=1)
 
         if training and num_items_in_batch is not None:
             # From this micro-batch's mean to its share of the step's mean. The ratio is formed first so it is exactly
@@ -345,6 +398,12 @@ class DistillationTrainer(Trainer):
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages the processes' gradients
         return (loss, outputs) if return_outputs else loss
+
+    def _capturing(self, model, role: str, matching: bool):
+        """The matched layers of `model` (`role`: "student" or "teacher") captured during the block, or nothing."""
+        if not matching:
+            return contextlib.nullcontext()
+        return self._intermediate.capture(self.accelerator.unwrap_model(model), role)
 
     def _kd_sum(self, student_logits, teacher_logits, mask, temperature) -> torch.Tensor:
         """``Σ_counted T²·D``: chunked (bounded memory, same value and gradient) for large token-level logits."""
@@ -450,7 +509,7 @@ class DistillationTrainer(Trainer):
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
-        self._eval_stats = _DistillationStats()
+        self._eval_stats = self._new_stats()
         # Batches without labels: evaluate() runs the teacher for the KD terms; predict() runs only the student
         # (unless they carry cached teacher outputs), as Trainer would.
         self._distill_unlabeled = description == "Evaluation"
@@ -476,17 +535,38 @@ class DistillationTrainer(Trainer):
 
     def get_eval_dataloader(self, eval_dataset=None):
         dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
-        check_dataset(dataset if dataset is not None else self.eval_dataset, "eval_dataset", self.label_names)
+        check_dataset(
+            dataset if dataset is not None else self.eval_dataset,
+            "eval_dataset",
+            self.label_names,
+            self._needs_online_teacher,
+        )
         return super().get_eval_dataloader(eval_dataset)
 
-    # ---- resuming ----
+    # ---- optimizer and resuming ----
+
+    def create_optimizer(self, model=None):
+        """`Trainer.create_optimizer`, plus the learned projections of `intermediate_matches` (their own parameter
+        groups, same optimizer and learning-rate schedule as the student)."""
+        optimizer = super().create_optimizer(model)
+        if self._intermediate is not None:
+            self._intermediate.add_to_optimizer(optimizer, self.args.weight_decay)
+        return optimizer
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` resumes from the newest *complete* checkpoint in
         `output_dir` (one whose `trainer_state.json`, which Trainer writes last, reads back), skipping a save that was
         interrupted, and logs the checkpoints it skipped."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(
+                self.args.output_dir,
+                # the projections are written after Trainer's files: a checkpoint without them is incomplete too
+                also_needs=PROJECTIONS_FILE
+                if self._intermediate is not None and len(self._intermediate.projections)
+                else None,
+            )
+        if resume_from_checkpoint and self._intermediate is not None:
+            self._intermediate.load(resume_from_checkpoint)  # the projections; Trainer restores their optimizer state
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     # ---- Hub ----

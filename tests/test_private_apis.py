@@ -39,6 +39,7 @@ def test_every_private_use_is_listed():
         "_internal_call",
         "Accelerator._models",
         "Trainer._prepare_inputs",
+        "_can_record_outputs",
     ):
         assert f"{name}" in listed
     for path in PACKAGE.glob("*.py"):
@@ -53,6 +54,7 @@ def test_every_private_use_is_listed():
             "accelerator._models",
             "TrainingArguments._VALID_DICT_FIELDS",
             "._prepare_inputs",
+            "_can_record_outputs",
         ):
             assert name not in text, f"{path.name} uses {name}: go through hf_distill.private_apis"
 
@@ -92,6 +94,27 @@ def test_accelerator_registers_prepared_models_and_forgets_them():
     assert model in accelerator._models
     private_apis.forget_prepared_model(accelerator, model)
     assert model not in accelerator._models
+
+
+def test_attention_recorder_names_the_module_holding_attention_probabilities():
+    """`output_attentions` is recorded from that module's output at that index (BERT: a bare class; GPT-2: an
+    `OutputRecorder` whose layer name tells self- from cross-attention)."""
+    from conftest import gpt2_config
+
+    for model in (BertForSequenceClassification(bert_config()), GPT2LMHeadModel(gpt2_config())):
+        model.set_attn_implementation("eager")
+        target_class, index, layer_name = private_apis.attention_recorder(model)
+        modules = [
+            module
+            for name, module in model.named_modules()
+            if isinstance(module, target_class) and (layer_name is None or name.endswith(layer_name.strip(".")))
+        ]
+        assert len(modules) == 1
+        recorded = []
+        modules[0].register_forward_hook(lambda module, args, output, r=recorded, i=index: r.append(output[i]))
+        outputs = model(input_ids=torch.ones(1, 4, dtype=torch.long), output_attentions=True)
+        assert torch.equal(recorded[0], outputs.attentions[0])
+    assert private_apis.attention_recorder(torch.nn.Linear(2, 2)) is None
 
 
 class RegisteredConfig(BertConfig):

@@ -1,7 +1,8 @@
 """Trains a tiny student with DistillationTrainer and writes what the test compares to `<output_dir>/result.json`.
 
 Run by tests/test_distributed.py with `accelerate launch --multi_gpu --num_processes 2` (gloo DDP on CPU) and with
-plain `python` (one process, twice the per-device batch: the same global batch).
+plain `python` (one process, twice the per-device batch: the same global batch). An optional third argument is
+`intermediate_matches` (JSON), whose learned projections are then compared too.
 """
 
 import json
@@ -18,6 +19,7 @@ from hf_distill import DistillationTrainer, DistillationTrainingArguments  # noq
 
 
 output_dir, per_device_batch_size = sys.argv[1], int(sys.argv[2])
+intermediate_matches = sys.argv[3] if len(sys.argv) > 3 else None
 student_factory, teacher_factory, _ = TASKS["causal_lm"]
 args = DistillationTrainingArguments(
     output_dir=output_dir,
@@ -34,6 +36,7 @@ args = DistillationTrainingArguments(
     use_cpu=True,
     temperature=2.0,
     alpha=0.5,
+    intermediate_matches=intermediate_matches,
 )
 student = seeded(student_factory, 0)
 trainer = DistillationTrainer(
@@ -55,6 +58,12 @@ if trainer.is_world_process_zero():
                 "losses": [h["loss"] for h in logs],
                 "loss_kd": [h["loss_kd"] for h in logs],
                 "weight_norm": float(torch.cat([p.detach().flatten() for p in student.parameters()]).norm()),
+                "loss_match": {key: [h[key] for h in logs] for key in logs[0] if key.startswith("loss_match")},
+                "projection_norm": float(
+                    torch.cat([p.detach().flatten() for p in trainer._intermediate.parameters()]).norm()
+                    if trainer._intermediate is not None
+                    else 0.0
+                ),
             }
         )
     )
