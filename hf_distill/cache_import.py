@@ -81,8 +81,8 @@ def import_teacher_logprobs(
         teacher: the model the server ran, if you have its weights here: its fingerprint is recorded, so a trainer
             given the same `teacher_model` accepts the cache. Without it the trainer accepts the cache only with
             ``teacher_model=None`` (nothing shows that the server ran the given teacher).
-        teacher_name: the name the metadata and the model card give the teacher (default: `teacher`'s, else
-            ``"imported"``).
+        teacher_name: the name the metadata and the model card give the teacher, e.g. the Hub id the server ran
+            (default: `teacher`'s, else none: the card then says "imported log-probabilities" only).
         cache_dir: where the Arrow file goes, as for `precompute_teacher_logits`.
         rows_per_write: rows per Arrow record batch.
 
@@ -131,7 +131,7 @@ def import_teacher_logprobs(
         "source": os.path.basename(os.fspath(logprobs)) if isinstance(logprobs, (str, os.PathLike)) else "rows",
         "teachers": [
             {
-                "name": teacher_name or (model_name(teacher) if teacher is not None else "imported"),
+                "name": teacher_name or (model_name(teacher) if teacher is not None else None),
                 "fingerprint": teacher_fingerprint(teacher) if teacher is not None else None,
             }
         ],

@@ -238,18 +238,3 @@ def load_shards(paths: list[str]) -> datasets.Dataset:
         )
     parts = [datasets.Dataset.from_file(path) for path in paths]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-
-
-def table_bytes(dataset: datasets.Dataset, columns) -> int:
-    """Bytes of the Arrow buffers that hold `columns` of `dataset` (every chunk, children included)."""
-    total = 0
-    for name in columns:
-        for chunk in dataset.data.column(name).chunks:
-            total += _array_bytes(chunk)
-    return total
-
-
-def _array_bytes(array: pa.Array) -> int:
-    if isinstance(array, pa.ExtensionArray):
-        array = array.storage
-    return sum(buffer.size for buffer in array.buffers() if buffer is not None)

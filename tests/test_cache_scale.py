@@ -315,7 +315,7 @@ def test_imported_server_logprobs_train_like_precomputed_top_k(tmp_path):
     precomputed = precompute_teacher_logits(teacher, dataset, top_k=32)
     metadata = read_cache_metadata(imported)
     assert metadata["origin"] == "import_teacher_logprobs" and metadata["source"] == "prompt_logprobs.jsonl"
-    assert metadata["teachers"] == [{"name": "imported", "fingerprint": None}]
+    assert metadata["teachers"] == [{"name": None, "fingerprint": None}]
     assert metadata["num_positions"] == read_cache_metadata(precomputed)["num_positions"]
     assert imported.features[TEACHER_TOPK_IDS] == precomputed.features[TEACHER_TOPK_IDS]  # uint16, as V ≤ 65,535
     assert imported[TEACHER_INPUT_HASH] == precomputed[TEACHER_INPUT_HASH]
@@ -387,3 +387,19 @@ def test_import_widens_ids_beyond_uint16():
     assert ids.tolist() == [[7, 9], [8, 3]] * 3 + [[7, 70000], [8, 3]] + [[7, 9], [8, 3]]
     small = import_teacher_logprobs(dataset, [line] * 5, top_k=2)
     assert small.features[TEACHER_TOPK_IDS].feature.feature.dtype == "uint16"
+
+
+def test_card_of_an_imported_tail_cache_says_where_the_teacher_came_from(tmp_path):
+    from huggingface_hub import ModelCard
+
+    dataset = causal_lm_dataset(n=8)
+    lines = vllm_prompt_logprobs(seeded(TASKS["causal_lm"][1], 1), dataset, 4)
+    for name, expected in ((None, None), ("org/served-teacher", "served-teacher")):
+        imported = import_teacher_logprobs(dataset, lines, top_k=4, top_k_tail=True, teacher_name=name)
+        trainer = build(tmp_path, f"card-{expected}", "causal_lm", None, imported, num_train_epochs=1)
+        trainer.train()
+        trainer.create_model_card()
+        card = ModelCard.load(trainer.args.output_dir + "/README.md").data.to_dict()["distillation"]
+        assert card["teacher_source"] == "imported log-probabilities"
+        assert card["teacher_top_k"] == 4 and card["teacher_top_k_tail"] is True
+        assert card.get("teacher") == expected
