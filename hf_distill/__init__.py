@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .arguments import DistillationTrainingArguments
+from .cache_import import import_teacher_logprobs
 from .chunked import chunked_distillation_loss
 from .divergences import DISTILLATION_LOSSES, Divergence, get_distillation_loss, register_distillation_loss
 from .hub import PushToHubError
@@ -31,6 +32,7 @@ __all__ = [
     "distillation_divergence",
     "ensemble_teacher_logits",
     "get_distillation_loss",
+    "import_teacher_logprobs",
     "init_student_from_teacher",
     "precompute_teacher_logits",
     "register_distillation_loss",

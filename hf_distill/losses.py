@@ -75,6 +75,64 @@ def distillation_divergence(
     return values.float()
 
 
+# The "logit" of an empty rest bucket (k = V, or a teacher with no mass outside its top k): exp of it divided by any
+# accepted temperature is exactly 0 in float32 and float64, and unlike -inf it gives 0 · finite = 0 in every divergence.
+EMPTY_BUCKET_LOGIT = -1e30
+
+
+def top_k_tail_logits(
+    student_logits: torch.Tensor,
+    top_k_ids: torch.Tensor,
+    teacher_top_k_logprobs: torch.Tensor,
+    teacher_tail_logprob: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher "logits" over k + 1 categories — the teacher's top k, plus one bucket for the rest —
+    whose tempered softmaxes are the two bucketed distributions; any registered divergence then compares them.
+
+    With ``K`` the teacher's top-k ids, ``V`` the vocabulary, ``p_T = softmax(z / T)`` the student's distribution:
+
+    * student: ``[z_K, T · logsumexp_{j ∉ K}(z_j / T)]``, so ``softmax(· / T) = [p_T(K), 1 − Σ_K p_T]``: the
+      student's own rest mass at T, exact (a log-sum-exp over the entries outside K, not ``1 − Σ``, so it keeps its
+      relative precision however small it is);
+    * teacher: ``[lp_K, lr + (T − 1) · log(V − k)]`` from its top-k log-probabilities ``lp_K`` and tail log-mass ``lr``
+      at T = 1. At T = 1 this is exact: ``softmax = [q(K), 1 − Σ_K q]``. At T ≠ 1 the teacher's tempered rest mass
+      would need its tail distribution, which the cache does not hold; it is taken as if that mass were spread
+      uniformly over the V − k entries outside K: each carries ``m = e^lr / (V − k)``, and the tempered bucket is
+      ``(V − k) · m^(1/T)`` against ``q_i^(1/T)`` for the kept entries. Exact whenever the teacher's tail is uniform;
+      otherwise, by the power-mean inequality, the rest bucket gets *more* than its true tempered weight at T > 1
+      and *less* at T < 1 (before renormalisation over the k + 1 categories).
+
+    At T = 1 the result is the divergence between the two distributions coarse-grained to k + 1 categories: never
+    negative, at most the full divergence (data-processing inequality), equal to it at k = V, where the rest bucket
+    is empty (``EMPTY_BUCKET_LOGIT`` on both sides, contributing 0).
+
+    Args:
+        student_logits: ``[..., V]`` the student's logits (float32 is used for the log-sum-exp; gradients flow).
+        top_k_ids: ``[..., k]`` int64, the teacher's top-k ids.
+        teacher_top_k_logprobs: ``[..., k]`` the teacher's log-probabilities at those ids, at T = 1.
+        teacher_tail_logprob: ``[...]`` the log of the teacher's mass outside them at T = 1 (``-inf``: none).
+        temperature: T.
+
+    Returns:
+        ``(student [..., k + 1], teacher [..., k + 1])`` float32.
+    """
+    vocab_size, k = student_logits.shape[-1], top_k_ids.shape[-1]
+    student = student_logits.float()
+    kept = student.gather(-1, top_k_ids)
+    if k < vocab_size:
+        scaled = student if temperature == 1.0 else student / temperature
+        rest = scaled.scatter(-1, top_k_ids, float("-inf")).logsumexp(-1, keepdim=True)
+        rest = rest if temperature == 1.0 else rest * temperature
+    else:  # no entry outside the top k (a log-sum-exp over nothing would be -inf, with a NaN gradient)
+        rest = kept.new_full((*kept.shape[:-1], 1), EMPTY_BUCKET_LOGIT)
+    tail = teacher_tail_logprob.float().unsqueeze(-1)
+    if temperature != 1.0 and k < vocab_size:
+        tail = tail + (temperature - 1.0) * math.log(vocab_size - k)
+    tail = torch.where(tail == float("-inf"), EMPTY_BUCKET_LOGIT, tail)  # NaN and +inf stay: reported as non-finite
+    return torch.cat([kept, rest], dim=-1), torch.cat([teacher_top_k_logprobs.float(), tail], dim=-1)
+
+
 def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Align a causal LM's logits with the tokens they predict, exactly as its label loss does.
 

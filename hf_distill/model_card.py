@@ -89,8 +89,8 @@ class DistillationCardData:
         lineage: the teacher, as `describe_teacher` returns it (``teacher_architecture`` at least), and
             ``initialized_from_teacher_layers`` for a student made by `hf_distill.init_student_from_teacher`.
         loss_settings: ``loss``, ``temperature``, ``alpha``, the divergence's options (``jsd_beta``), schedules
-            (``temperature_schedule``/``temperature_end``, same for alpha), ``ensemble_reduction``, ``teacher_top_k``;
-            the card's metadata and hyperparameters list them all.
+            (``temperature_schedule``/``temperature_end``, same for alpha), ``ensemble_reduction``, ``teacher_top_k``
+            (and ``teacher_top_k_tail``); the card's metadata and hyperparameters list them all.
         loss_formula, loss_description: the divergence's (`hf_distill.Divergence.formula` and ``.description``).
         student_architecture: the student's class name.
         student_parameters, teacher_parameters: parameter counts (None when unknown: a teacher known by its outputs).
@@ -186,11 +186,16 @@ def describe_teacher(
 
     An ensemble is described member by member (``teachers``) and named by its members joined with " + ". A teacher
     known only by cached outputs (`precompute_teacher_logits`, no teacher model given) is named from the cache's
-    metadata, with ``teacher_source: cached outputs``. A local path is reduced to its last component.
+    metadata, with ``teacher_source: cached outputs`` (``imported log-probabilities`` for `import_teacher_logprobs`,
+    unnamed unless a ``teacher_name`` was given there). A local path is reduced to its last component.
     """
     if teacher is None:
-        members = [{"teacher": _local_name(t["name"])} for t in (cache_metadata or {}).get("teachers", [])]
-        lineage = {"teacher_source": "cached outputs", "teacher_architecture": "unknown (cached outputs)"}
+        cached = (cache_metadata or {}).get("teachers", [])
+        members = [{"teacher": _local_name(t["name"])} for t in cached if t.get("name")]
+        source = "cached outputs"
+        if (cache_metadata or {}).get("origin") == "import_teacher_logprobs":
+            source = "imported log-probabilities"
+        lineage = {"teacher_source": source, "teacher_architecture": f"unknown ({source})"}
         return _with_members(lineage, members)
     if isinstance(teacher, EnsembleTeacher):
         members = [describe_teacher(member, teacher_model_init_kwargs) for member in ensemble_members(teacher)]
@@ -286,6 +291,8 @@ def _loss_settings(args, teacher: nn.Module | None, cache_metadata: Mapping[str,
         settings["ensemble_reduction"] = args.ensemble_reduction
     if cache_metadata and cache_metadata.get("top_k"):
         settings["teacher_top_k"] = cache_metadata["top_k"]
+        if cache_metadata.get("top_k_tail"):
+            settings["teacher_top_k_tail"] = True  # the KD term's k + 1 categories: the top k and a rest bucket
     return settings
 
 

@@ -291,8 +291,10 @@ class TeacherSignal:
     (online: ``[B, (L',)]``) or its counted positions only (cached token level: ``[N]``).
 
     Attributes:
-        student_logits: ``[..., V']`` student logits, or ``[..., k]`` gathered at the teacher's top-k ids.
-        teacher_logits: ``[..., V']`` teacher logits, or ``[..., k]`` top-k log-probabilities at T = 1.
+        student_logits: ``[..., V']`` student logits, or ``[..., k]`` gathered at the teacher's top-k ids (``[..., k + 1]``
+            with a rest bucket: `hf_distill.losses.top_k_tail_logits`).
+        teacher_logits: ``[..., V']`` teacher logits, or ``[..., k]`` top-k log-probabilities at T = 1 (``[..., k + 1]``
+            with a rest bucket).
         mask: ``[...]`` bool, the positions that count.
         top_k_ids: ``[..., k]`` the teacher's top-k ids (descending), or None for a dense signal.
         student_full_logits: top-k only: the student's full logits ``[..., V]``, for its argmax.
@@ -323,6 +325,8 @@ def align_teacher_signal(
     shift_labels: bool,
     token_level: bool,
     vocab_size: int | None,
+    cached_top_k_tail: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> TeacherSignal:
     """The :class:`TeacherSignal` of a micro-batch.
 
@@ -336,10 +340,14 @@ def align_teacher_signal(
         shift_labels: a causal LM: the logit at t predicts token t + 1, so the last position is dropped.
         token_level: one prediction per token: cached outputs hold counted positions only.
         vocab_size: compare only the first `vocab_size` entries (padded vocabularies), or None for all.
+        cached_top_k_tail: the cached log-mass outside the teacher's top k (``top_k_tail`` caches), or None.
+        temperature: T, with `cached_top_k_tail` (the student's rest bucket and the teacher's re-tempered one depend
+            on it).
 
     Online: the full ``[B, (L',) V]`` tensors. Cached token-level outputs hold counted positions only, so the student's
     are selected to match: ``[N, V]`` with an all-true mask. Cached top-k: the student's logits at the teacher's top-k
-    ids, ``[..., k]``.
+    ids, ``[..., k]``; with a tail, ``[..., k + 1]`` "logits" of both over the top k plus a rest bucket
+    (`hf_distill.losses.top_k_tail_logits`).
     """
     if shift_labels:
         student_logits = student_logits[..., :-1, :]
@@ -367,13 +375,13 @@ def align_teacher_signal(
                     f"Cached top-k teacher outputs {tuple(top_k_ids.shape)} do not match the batch's "
                     f"positions {tuple(student_logits.shape[:-1])}."
                 )
-            return TeacherSignal(
-                student_logits.gather(-1, top_k_ids),
-                teacher_logits,
-                mask,
-                top_k_ids,
-                student_full_logits=student_logits,
-            )
+            if cached_top_k_tail is not None:
+                student_kd, teacher_kd = losses.top_k_tail_logits(
+                    student_logits, top_k_ids, teacher_logits, cached_top_k_tail, temperature
+                )
+            else:
+                student_kd, teacher_kd = student_logits.gather(-1, top_k_ids), teacher_logits
+            return TeacherSignal(student_kd, teacher_kd, mask, top_k_ids, student_full_logits=student_logits)
         signal = TeacherSignal(student_logits, teacher_logits, mask)
     if signal.student_logits.shape != signal.teacher_logits.shape:
         raise ValueError(

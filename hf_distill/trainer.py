@@ -50,7 +50,9 @@ from .teacher_cache import (
     TEACHER_LOGITS,
     TEACHER_TOPK_IDS,
     TEACHER_TOPK_LOGPROBS,
+    TEACHER_TOPK_TAIL,
     TeacherColumnsCollator,
+    check_cache_fits_divergence,
     check_cache_matches_run,
     read_cache_metadata,
 )
@@ -198,10 +200,13 @@ class DistillationTrainer(Trainer):
             self.args, self.eval_dataset, has_teacher=self.teacher_model is not None, label_names=self.label_names
         )
         check_cache_matches_run(self.train_dataset, self.args, self.teacher_model)
+        check_cache_fits_divergence(self.train_dataset, self.args, "train_dataset")
+        for eval_dataset in eval_datasets(self.eval_dataset):
+            check_cache_fits_divergence(eval_dataset, self.args, "eval_dataset")
 
         # Cached teacher columns are batched by this wrapper, whatever the collator (see `_set_signature_columns_...`).
         if not isinstance(self.data_collator, TeacherColumnsCollator):
-            self.data_collator = TeacherColumnsCollator(self.data_collator)
+            self.data_collator = TeacherColumnsCollator(self.data_collator, token_level=self._token_level)
 
         self._train_stats = self._new_stats()
         self._eval_stats = self._new_stats()
@@ -307,6 +312,8 @@ class DistillationTrainer(Trainer):
             shift_labels=self._shift_labels,
             token_level=self._token_level,
             vocab_size=self._kd_vocab_size,
+            cached_top_k_tail=cached.get(TEACHER_TOPK_TAIL),
+            temperature=temperature,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -406,11 +413,14 @@ class DistillationTrainer(Trainer):
         return self._intermediate.capture(self.accelerator.unwrap_model(model), role)
 
     def _kd_sum(self, student_logits, teacher_logits, mask, temperature) -> torch.Tensor:
-        """``Σ_counted T²·D``: chunked (bounded memory, same value and gradient) for large token-level logits."""
+        """``Σ_counted T²·D``: chunked (bounded memory, same value and gradient) for large token-level logits.
+
+        Token level means the student's kind: online ``[B, L', V]`` logits, or the ``[N, V]`` / ``[N, k]`` counted
+        positions of a cache alike."""
         chunk_size = self.args.kd_chunk_size
         chunked = (
             chunk_size != 0
-            and student_logits.dim() > 2
+            and (student_logits.dim() > 2 or self._token_level and student_logits.dim() == 2)
             and (chunk_size is not None or student_logits.numel() > CHUNKED_KD_THRESHOLD)
         )
         if chunked:
@@ -541,6 +551,8 @@ class DistillationTrainer(Trainer):
             self.label_names,
             self._needs_online_teacher,
         )
+        for checked in eval_datasets(dataset if dataset is not None else self.eval_dataset):
+            check_cache_fits_divergence(checked, self.args, "eval_dataset")
         return super().get_eval_dataloader(eval_dataset)
 
     # ---- optimizer and resuming ----
