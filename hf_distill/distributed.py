@@ -77,6 +77,16 @@ def check_teacher_placement(trainer) -> None:
             f"`shard_teacher=True` under DeepSpeed ZeRO stage {_deepspeed_stage(trainer)}: DeepSpeed partitions the "
             "teacher only under ZeRO-3. Use stage 3, or shard_teacher=None (a full copy per process)."
         )
+    for asked, enabled, name in (
+        (trainer.args.fsdp, trainer.is_fsdp_enabled, "FSDP"),
+        (trainer.args.deepspeed, trainer.is_deepspeed_enabled, "DeepSpeed"),
+    ):
+        if asked and not enabled:  # accelerate 1.15 under `accelerate launch` with ACCELERATE_USE_CPU=1
+            logger.warning(
+                f"{name} was asked for but accelerate did not enable it (accelerate does not on CPU): the student "
+                f"trains in {trainer.accelerator.distributed_type}, and the teacher is "
+                + ("sharded with FSDP2 (`shard_teacher=True`)." if teacher_sharding(trainer) else "copied whole.")
+            )
     if trainer.args.shard_teacher and teacher_sharding(trainer) is None and not trainer.is_fsdp_enabled:
         logger.warning(
             "`shard_teacher=True` in a single-process run: there is nothing to shard over, the teacher is kept whole."

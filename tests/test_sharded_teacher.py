@@ -221,7 +221,9 @@ def fake_trainer(*, fsdp_version=None, deepspeed_stage=None, shard_teacher=None)
         is_fsdp_enabled=fsdp_version is not None,
         is_deepspeed_enabled=deepspeed_stage is not None,
         accelerator=SimpleNamespace(state=state),
-        args=SimpleNamespace(shard_teacher=shard_teacher, world_size=2),
+        args=SimpleNamespace(
+            shard_teacher=shard_teacher, world_size=2, fsdp=fsdp_version is not None, deepspeed=deepspeed_stage
+        ),
     )
 
 
@@ -251,3 +253,18 @@ def test_shard_teacher_in_one_process_keeps_the_teacher_whole(tmp_path, caplog):
     assert not needs_late_placement(trainer)
     trainer.train()
     assert type(trainer.teacher_model).__name__ == "GPT2LMHeadModel"
+
+
+def test_fsdp_or_deepspeed_that_accelerate_ignored_is_named(caplog):
+    """Under `accelerate launch` with ACCELERATE_USE_CPU=1, `fsdp=True` and `deepspeed=...` silently train in DDP
+    (seen in 2-process runs); the trainer says so, and what becomes of the teacher."""
+    for asked in ("fsdp", "deepspeed"):
+        trainer = fake_trainer()
+        setattr(trainer.args, asked, True if asked == "fsdp" else {"zero_optimization": {"stage": 3}})
+        trainer.accelerator.distributed_type = "MULTI_CPU"
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hf_distill"):
+            check_teacher_placement(trainer)
+        name = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}[asked]
+        assert f"{name} was asked for but accelerate did not enable it" in caplog.text
+        assert "the student trains in MULTI_CPU, and the teacher is copied whole" in caplog.text
