@@ -70,6 +70,16 @@ class DistillationTrainingArguments(TrainingArguments):
         },
     )
 
+    shard_teacher: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Shard the frozen teacher across processes. None: when the student is sharded (FSDP2: `fully_shard`;"
+            " DeepSpeed ZeRO-3: partitioned), else one full copy per process. True: also when the student is "
+            "replicated (DDP), with FSDP2's `fully_shard`, for a teacher too large to copy to every process. False: one "
+            "full copy per process always. See `hf_distill.distributed`."
+        },
+    )
+
     kd_chunk_size: int | None = field(
         default=None,
         metadata={

@@ -204,6 +204,8 @@ def cached_teacher_evaluation(
     for dataset, cached_settings, results in entries:
         if dataset is target and cached_settings == settings:
             return dict(results)
-    results = evaluate_on_eval_set(trainer, trainer.teacher_model, target, metric_key_prefix)
+    # A DeepSpeed teacher is an engine, whose `forward(*inputs, **kwargs)` names no inputs: evaluate its module.
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    results = evaluate_on_eval_set(trainer, teacher, target, metric_key_prefix)
     entries.append((target, settings, results))
     return dict(results)

@@ -10,7 +10,6 @@ silently somewhere in a run.
 | `Trainer._set_signature_columns_if_needed` / `Trainer._signature_columns` | transformers | keep the cached teacher columns when Trainer drops the columns the student's `forward` does not take | the columns kept are decided only there (`remove_unused_columns` has no extension point) |
 | `Trainer.save_model(_internal_call=True)` | transformers | saving the student after a failed push without triggering another push | `save_model` pushes by itself when `push_to_hub=True` unless this flag is set |
 | `Trainer._prepare_inputs` | transformers | evaluation batches without labels, for which `DistillationTrainer.prediction_step` computes the KD terms itself, reach the device as in Trainer's own `prediction_step` | Trainer has no public method that prepares a batch (device placement, DeepSpeed dtype) |
-| `Accelerator._models` | accelerate | keep an FSDP-wrapped teacher out of the models `save_state` writes to checkpoints | `prepare_model` registers every model it wraps; there is no public way to wrap without registering |
 | `PreTrainedModel._can_record_outputs` | transformers | find, in each block, the module whose output holds the attention probabilities (attention matches hook only the matched blocks' ones) | `output_attentions=True` returns every layer's maps; the module that records them is named only there |
 """
 
@@ -49,9 +48,3 @@ def attention_recorder(model) -> tuple[type, int, str | None] | None:
     if getattr(spec, "target_class", None) is None:
         return None
     return spec.target_class, spec.index, spec.layer_name
-
-
-def forget_prepared_model(accelerator, model) -> None:
-    """Remove `model` from the models `accelerator.save_state` writes (it was registered by `prepare_model`)."""
-    if model in accelerator._models:
-        accelerator._models.remove(model)

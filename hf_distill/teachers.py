@@ -198,8 +198,8 @@ def check_not_shared(student: nn.Module, teachers: Sequence[nn.Module]) -> None:
     student_parameters = {}
     for name, parameter in student.named_parameters():
         student_parameters[id(parameter)] = name
-        if parameter.numel():
-            student_parameters[parameter.untyped_storage().data_ptr()] = name
+        if _storage_pointer(parameter):
+            student_parameters[_storage_pointer(parameter)] = name
     for teacher in teachers:
         if teacher is student:
             raise ValueError(
@@ -207,9 +207,7 @@ def check_not_shared(student: nn.Module, teachers: Sequence[nn.Module]) -> None:
                 "teacher, e.g. `teacher_model=copy.deepcopy(model)` for self-distillation."
             )
         for name, parameter in teacher.named_parameters():
-            shared = student_parameters.get(id(parameter)) or (
-                parameter.numel() and student_parameters.get(parameter.untyped_storage().data_ptr())
-            )
+            shared = student_parameters.get(id(parameter)) or student_parameters.get(_storage_pointer(parameter))
             if shared:
                 raise ValueError(
                     f"The student's parameter `{shared}` is the teacher's `{name}` (a module shared between the two, "
@@ -217,6 +215,12 @@ def check_not_shared(student: nn.Module, teachers: Sequence[nn.Module]) -> None:
                     "the student would never train. Give the student its own copy: `copy.deepcopy(...)` of the "
                     "shared module."
                 )
+
+
+def _storage_pointer(parameter: torch.Tensor) -> int | None:
+    """Where a parameter's data lives (this process's shard for an FSDP2-sharded `DTensor`); None when empty."""
+    local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+    return local.untyped_storage().data_ptr() if local.numel() else None
 
 
 def check_output_sizes(

@@ -38,7 +38,7 @@ from .data_checks import (
     check_metric_for_best_model,
     eval_datasets,
 )
-from .distributed import needs_late_placement, place_teacher
+from .distributed import check_teacher_placement, needs_late_placement, place_teacher
 from .evaluation import cached_teacher_evaluation
 from .hub import push_errors_explained
 from .intermediate import PROJECTIONS_FILE, IntermediateMatchesCallback, build_intermediate_matcher
@@ -181,6 +181,8 @@ class DistillationTrainer(Trainer):
         self._shift_labels, self._token_level = shifts_labels(student), is_token_level(student)
         self._is_encoder_decoder = is_encoder_decoder(student)
         self._student_arguments = accepted_arguments(student)
+        if teacher_model is not None:
+            check_teacher_placement(self)
         self._teacher_prepared = not needs_late_placement(self)
         self.teacher_model = build_teacher(
             teacher_model, student, self.args, device=self.args.device if self._teacher_prepared else None

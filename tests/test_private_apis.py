@@ -7,7 +7,6 @@ import inspect
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from conftest import bert_config, features_dataset
 from test_trainer import make_args
 from transformers import (
@@ -37,7 +36,6 @@ def test_every_private_use_is_listed():
         "_set_signature_columns_if_needed",
         "_signature_columns",
         "_internal_call",
-        "Accelerator._models",
         "Trainer._prepare_inputs",
         "_can_record_outputs",
     ):
@@ -51,7 +49,7 @@ def test_every_private_use_is_listed():
             "_extra_content",
             "_commit_hash",
             "_internal_call",
-            "accelerator._models",
+            "accelerator._models",  # no longer used: the FSDP2 teacher is sharded with torch's public `fully_shard`
             "TrainingArguments._VALID_DICT_FIELDS",
             "._prepare_inputs",
             "_can_record_outputs",
@@ -86,14 +84,6 @@ def test_trainer_prepare_inputs_puts_a_batch_on_the_device(tmp_path):
     )
     batch = private_apis.prepare_inputs(trainer, {"input_ids": torch.ones(2, 3, dtype=torch.long)})
     assert batch["input_ids"].device == trainer.args.device and batch["input_ids"].shape == (2, 3)
-
-
-def test_accelerator_registers_prepared_models_and_forgets_them():
-    accelerator = Accelerator(cpu=True)
-    model = accelerator.prepare_model(torch.nn.Linear(2, 2), evaluation_mode=True)
-    assert model in accelerator._models
-    private_apis.forget_prepared_model(accelerator, model)
-    assert model not in accelerator._models
 
 
 def test_attention_recorder_names_the_module_holding_attention_probabilities():
