@@ -13,7 +13,8 @@ MODE:
                  to the libraries' behaviour. Everything else (the plugin, `fully_shard` of the student, Trainer's
                  FSDP checkpointing) is accelerate's and transformers' own code, on gloo.
   zero3          under `accelerate launch --use_deepspeed --num_processes 2` with DS_ACCELERATOR=cpu: DeepSpeed ZeRO-3
-                 over gloo, the teacher in a DeepSpeed inference engine.
+                 over gloo, the teacher in a DeepSpeed inference engine. Two changes for CPU, both below: accelerate's
+                 state is built with backend="gloo", and DeepSpeed's compiled shared-memory all-reduce is not used.
   plain          one process, no sharding, twice the per-device batch (the same global batch).
 """
 
@@ -36,6 +37,11 @@ elif mode == "fsdp2":
     PartialState(cpu=True).distributed_type = DistributedType.MULTI_GPU  # see the docstring
     extra.update(fsdp=True, fsdp_config={"version": 2}, accelerator_config={"use_configured_state": True})
 elif mode == "zero3":
+    # DeepSpeed's CPU accelerator compiles a shared-memory all-reduce op (C++) at its first use: ~70 s on a fresh
+    # machine, and a compiler needed. It only speeds up CPU collectives; without it DeepSpeed uses gloo's.
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # accelerate 1.15 never gives DeepSpeed a backend on a machine without an accelerator it knows: its state would
     # say "1 process" while DeepSpeed runs 2 (each process would then train on the whole dataset). Building the
     # state first with backend="gloo" (the documented `use_configured_state` route) makes both agree on 2.
@@ -111,6 +117,11 @@ if mode in ("fsdp2-teacher", "fsdp2"):
     resident_teacher_numel = local_teacher_numel
     sharded_modules = [type(m).__name__ for m in teacher_module.modules() if isinstance(m, FSDPModule)]
 elif mode == "zero3":
+    # DeepSpeed's CPU accelerator compiles a shared-memory all-reduce op (C++) at its first use: ~70 s on a fresh
+    # machine, and a compiler needed. It only speeds up CPU collectives; without it DeepSpeed uses gloo's.
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     for parameter in teacher_module.parameters():
         local_teacher_numel += parameter.ds_tensor.numel()
         # ZeRO-3 keeps parameters under `stage3_param_persistence_threshold` gathered on every process.
