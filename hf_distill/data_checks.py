@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from transformers import DataCollatorWithPadding, DefaultDataCollator, default_data_collator
+
 from .teacher_cache import TEACHER_COLUMNS, read_cache_metadata
 
 
@@ -52,10 +54,18 @@ def holds_strings(dataset, column: str) -> bool:
     return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], str))
 
 
-def check_labels_available(dataset, args, label_names) -> None:
-    """With a label loss weight (alpha < 1 at any point of a schedule), the training set must have labels."""
+def collator_only_batches_columns(collator) -> bool:
+    """Whether `collator` is one of Trainer's defaults, which batch the dataset's columns and add none: then a dataset
+    without a label column gives batches without labels. Any other collator may make labels (e.g.
+    `DataCollatorForLanguageModeling` masks tokens and labels them); batches are then checked one by one."""
+    return collator is default_data_collator or isinstance(collator, (DefaultDataCollator, DataCollatorWithPadding))
+
+
+def check_labels_available(dataset, args, label_names, data_collator=default_data_collator) -> None:
+    """With a label loss weight (alpha < 1 at any point of a schedule), the training set must have labels (unless
+    the collator may make them)."""
     needs_labels = args.alpha < 1.0 or (args.alpha_end is not None and args.alpha_end < 1.0)
-    if not needs_labels or dataset is None:
+    if not needs_labels or dataset is None or not collator_only_batches_columns(data_collator):
         return
     label_columns = label_columns_of(label_names)
     columns = getattr(dataset, "column_names", None)

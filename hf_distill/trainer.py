@@ -197,7 +197,7 @@ class DistillationTrainer(Trainer):
         check_dataset(self.train_dataset, "train_dataset", self.label_names, self._needs_online_teacher)
         for eval_dataset in eval_datasets(self.eval_dataset):
             check_dataset(eval_dataset, "eval_dataset", self.label_names, self._needs_online_teacher)
-        check_labels_available(self.train_dataset, self.args, self.label_names)
+        check_labels_available(self.train_dataset, self.args, self.label_names, self.data_collator)
         check_metric_for_best_model(
             self.args, self.eval_dataset, has_teacher=self.teacher_model is not None, label_names=self.label_names
         )

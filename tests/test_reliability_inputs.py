@@ -126,3 +126,32 @@ def test_temperature_beyond_the_bound_is_refused(tmp_path, name):
     extra = {"temperature_schedule": "linear"} if name == "temperature_end" else {}
     with pytest.raises(ValueError, match=f"`{name}`=1000000.0 is above 1000.*'mse'"):
         make_args(tmp_path, **{name: 1e6}, **extra)
+
+
+def test_a_collator_that_makes_labels_is_not_refused_for_lack_of_a_label_column(tmp_path):
+    """`DataCollatorForLanguageModeling` masks tokens and labels them: a dataset of input ids alone is valid at
+    alpha < 1 (the default collator still gets the early error)."""
+    from conftest import VOCAB_SIZE, bert_config
+    from tokenizers import Tokenizer, models
+    from transformers import BertForMaskedLM, DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(VOCAB_SIZE - 2)} | {"[PAD]": VOCAB_SIZE - 2, "[MASK]": VOCAB_SIZE - 1}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[PAD]")), pad_token="[PAD]", mask_token="[MASK]"
+    )
+    dataset = sequence_dataset(n=16, labels=False)
+    student, teacher = BertForMaskedLM(bert_config(16)), BertForMaskedLM(bert_config(32))
+    with pytest.raises(ValueError, match="no label column"):
+        DistillationTrainer(
+            model=student, teacher_model=teacher, args=make_args(tmp_path, alpha=0.5), train_dataset=dataset
+        )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.3)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, alpha=0.5, max_steps=2),
+        train_dataset=dataset,
+        data_collator=collator,
+    )
+    trainer.train()
+    assert [h["loss_ce"] for h in trainer.state.log_history if "loss_ce" in h]
