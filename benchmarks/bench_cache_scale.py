@@ -1,8 +1,8 @@
 """Teacher caches at dataset scale: peak memory of `precompute_teacher_logits` against the number of rows, and the
 bytes each counted position takes in the cache's Arrow buffers.
 
-    .venv/bin/python benchmarks/bench_cache_scale.py                  # 10,000 and 40,000 rows; ~5 min on 2 CPUs
-    .venv/bin/python benchmarks/bench_cache_scale.py --before_path /tmp/old   # also an older hf_distill, for comparison
+    .venv/bin/python benchmarks/bench_cache_scale.py                  # 10,000 and 40,000 rows; ~12 min on 2 busy CPUs
+    .venv/bin/python benchmarks/bench_cache_scale.py --before_path /tmp/old   # + an older hf_distill copy; ~25 min
 
 Every measurement runs in a fresh subprocess: imports, a tiny GPT-2 teacher (V = 4096, 1 layer × 32) and an
 in-memory dataset of `rows` random rows of 64 tokens (labels = inputs, 63 counted positions per row) are built first;

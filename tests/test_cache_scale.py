@@ -27,6 +27,7 @@ from hf_distill.teacher_cache import (
     TEACHER_TOPK_LOGPROBS,
     TEACHER_TOPK_TAIL,
     TeacherColumnsCollator,
+    _CacheWriter,
     read_cache_metadata,
     teacher_top_k,
 )
@@ -376,8 +377,9 @@ def test_import_checks_its_input(tmp_path):
     )
 
 
-def test_import_widens_ids_beyond_uint16():
+def test_import_widens_ids_beyond_uint16(monkeypatch):
     """Without `vocab_size`, ids start as uint16 and the column is rewritten as int32 once an id needs it."""
+    monkeypatch.setattr(_CacheWriter, "ROWS_PER_RECORD_BATCH", 2)  # uint16 record batches are written first
     dataset = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]] * 5, "labels": [[1, 2, 3]] * 5})
     line = [None, {"7": -0.5, "9": -1.5}, {"8": -0.25, "3": -2.0}]
     big = [None, {"7": -0.5, "70000": -1.5}, {"8": -0.25, "3": -2.0}]
