@@ -12,6 +12,22 @@ import pytest
 
 
 SCRIPT = Path(__file__).parent / "scripts" / "distributed_run.py"
+# Two processes on this machine; add "--multi_gpu" (with ACCELERATE_USE_CPU=1 / use_cpu) for real 2-process DDP.
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--main_process_port",
+    "0",
+]
 
 
 def run(command, tmp_path):
@@ -22,23 +38,7 @@ def run(command, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-    ]
-    run([*launcher, str(SCRIPT), str(tmp_path / "ddp"), "4"], tmp_path)
+    run([*LAUNCH, "--multi_gpu", str(SCRIPT), str(tmp_path / "ddp"), "4"], tmp_path)
     run([sys.executable, str(SCRIPT), str(tmp_path / "single"), "8"], tmp_path)
     ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
     single = json.loads((tmp_path / "single" / "result.json").read_text())

@@ -520,21 +520,10 @@ def test_card_records_the_expanded_matches_and_the_teacher_is_evaluated_without_
 def test_two_process_ddp_with_matches_matches_one_process(tmp_path):
     """`tests/scripts/distributed_run.py` (GPT-2 16 -> 32 wide, ragged rows) under 2-process gloo DDP and in one
     process at the same global batch: same losses, match terms, student weights and projections."""
-    from test_distributed import SCRIPT, run
+    from test_distributed import LAUNCH, SCRIPT, run
 
     matches = json.dumps([{"student_layer": 1, "teacher_layer": 2}, {"student_layer": 0, "teacher_layer": 0}])
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launcher += [
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-    ]
-    run([*launcher, str(SCRIPT), str(tmp_path / "ddp"), "4", matches], tmp_path)
+    run([*LAUNCH, "--multi_gpu", str(SCRIPT), str(tmp_path / "ddp"), "4", matches], tmp_path)
     run([sys.executable, str(SCRIPT), str(tmp_path / "single"), "8", matches], tmp_path)
     ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
     single = json.loads((tmp_path / "single" / "result.json").read_text())

@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import TASKS, causal_lm_dataset, seeded
 from safetensors.torch import load_file
+from test_distributed import LAUNCH
 from test_trainer import make_args
 
 from hf_distill import DistillationTrainer
@@ -28,21 +29,6 @@ from hf_distill.distributed import check_teacher_placement, needs_late_placement
 
 
 SCRIPT = Path(__file__).parent / "scripts" / "sharded_run.py"
-LAUNCH = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-    "--main_process_port",
-    "0",
-]
 ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
