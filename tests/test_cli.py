@@ -71,6 +71,12 @@ def _bert(vocab_size: int, num_labels: int = 3, seed: int = 0) -> BertForSequenc
     return BertForSequenceClassification(config)
 
 
+def _rows() -> list[tuple[str, str]]:
+    """40 six-word sentences of real text, labelled in turn with the three LABELS."""
+    words = _words()
+    return [(" ".join(words[i : i + 6]), LABELS[i // 6 % 3]) for i in range(0, 6 * 40, 6)]
+
+
 def _write_csv(path: Path, rows: list[tuple[str, str]]) -> str:
     with open(path, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
@@ -100,8 +106,7 @@ def setup(tmp_path_factory):
     gpt2.save_pretrained(root / "gpt2")
     tokenizer.save_pretrained(root / "gpt2")
     paths["gpt2"] = str(root / "gpt2")
-    sentences = [" ".join(words[i : i + 6]) for i in range(0, 6 * 40, 6)]
-    rows = [(s, LABELS[i % 3]) for i, s in enumerate(sentences)]
+    rows = _rows()
     paths["train"] = _write_csv(root / "train.csv", rows[:28])
     paths["validation"] = _write_csv(root / "validation.csv", rows[28:36])
     paths["unseen_label"] = _write_csv(root / "unseen.csv", [(s, "sarcastic") for s, _ in rows[36:]])
@@ -311,3 +316,43 @@ def test_recipes_parse(recipe):
 
 def test_there_are_recipes():
     assert {p.name for p in RECIPES} >= {"text_classification.yaml", "causal_lm_top_k.yaml", "distilbert.yaml"}
+
+
+def test_token_classification_from_jsonl(setup, tmp_path):
+    """Words and one tag per word: the first sub-token of each word carries its tag, the student learns from flags."""
+    from transformers import BertConfig, BertForTokenClassification
+
+    tokenizer_dir = setup["teacher"]
+    config = BertConfig.from_pretrained(tokenizer_dir, num_labels=2, architectures=None)
+    for name, seed in (("tok_teacher", 7), ("tok_student", 8)):
+        torch.manual_seed(seed)
+        BertForTokenClassification(config).save_pretrained(tmp_path / name)
+        PreTrainedTokenizerFast.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / name)
+    rows = [{"words": s.split(), "tags": ["O" if len(w) < 5 else "LONG" for w in s.split()]} for s, _ in _rows()]
+    for split, part in (("train", rows[:16]), ("validation", rows[16:20])):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in part))
+    argv = ["train", "--student_model_name_or_path", str(tmp_path / "tok_student")]
+    argv += [
+        "--teacher_model_name_or_path",
+        str(tmp_path / "tok_teacher"),
+        "--train_file",
+        str(tmp_path / "train.jsonl"),
+    ]
+    argv += [
+        "--validation_file",
+        str(tmp_path / "validation.jsonl"),
+        "--text_column",
+        "words",
+        "--label_column",
+        "tags",
+    ]
+    trainer = run([*argv, "--output_dir", str(tmp_path / "out"), *COMMON])
+    assert trainer.cli_task == "token-classification"
+    labels = trainer.train_dataset[0]["labels"]
+    assert len(labels) == len(rows[0]["words"]) and set(labels) <= {0, 1}  # one token per word here: no -100
+    assert trainer.model.config.id2label == {0: "LONG", 1: "O"}
+    assert "eval_loss" in json.loads((tmp_path / "out" / "eval_results.json").read_text())
+
+
+def test_console_script_is_declared():
+    assert 'hf-distill = "hf_distill.cli:main"' in (REPO_ROOT / "pyproject.toml").read_text()
