@@ -19,7 +19,9 @@ Sources, tried in this order by [`load_digit_splits`]:
 Pixels are floats in [0, 1] (0 = background), so that zero-padding is the background colour for [`jitter_images`].
 """
 
+import argparse
 import gzip
+import hashlib
 import logging
 import os
 import urllib.error
@@ -78,6 +80,66 @@ def load_mnist_idx(data_dir: str | os.PathLike) -> dict[str, tuple[torch.Tensor,
         split: (read_idx(_find_idx_file(data_dir, images)), read_idx(_find_idx_file(data_dir, labels)).long())
         for split, (images, labels) in MNIST_IDX_FILES.items()
     }
+
+
+# blake2b-16 of the 10,000 MNIST test images as stored (uint8, C order): tells MNIST from other IDX datasets of its
+# format (Fashion-MNIST, KMNIST, or the variants `make_variant` writes), whose numbers must not be set beside the paper's.
+MNIST_TEST_IMAGES_BLAKE2B = "b70ae312f9777b9f7603110bd42e5b1c"
+
+
+def is_mnist(test_images: torch.Tensor) -> bool:
+    """Whether `test_images` (uint8 `(10000, 28, 28)`) are MNIST's test images, byte for byte."""
+    digest = hashlib.blake2b(test_images.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+    return digest == MNIST_TEST_IMAGES_BLAKE2B
+
+
+def write_idx(path: str | os.PathLike, array: torch.Tensor) -> None:
+    """Write a uint8 tensor as one gzipped IDX file (the inverse of [`read_idx`] for uint8 data)."""
+    data = array.contiguous().to(torch.uint8).numpy()
+    header = bytes([0, 0, 0x08, data.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in data.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + data.tobytes())
+
+
+# Datasets of MNIST's format that are not MNIST, for checking that a recipe is not tuned to MNIST alone.
+VARIANTS = {
+    "permuted": "every image's pixels reordered by one fixed random permutation (no spatial structure is left)",
+    "inverted": "intensities inverted (255 - pixel): white background, dark digits",
+    "rotated": "every image rotated by 90 degrees",
+    "noisy": "uniform noise of amplitude 0-255 added to a random half of the pixels, clipped: a harder task",
+}
+
+
+def make_variant(data_dir: str | os.PathLike, out_dir: str | os.PathLike, variant: str, seed: int = 0) -> Path:
+    """
+    Write the four IDX files of a not-MNIST dataset built from MNIST (`VARIANTS`) to `out_dir`: same labels, same
+    train/test split, images transformed the same way in both splits. Returns `out_dir`.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: choose one of {sorted(VARIANTS)}.")
+    generator = torch.Generator().manual_seed(seed)
+    permutation = torch.randperm(28 * 28, generator=generator)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, (images, labels) in load_mnist_idx(data_dir).items():
+        if variant == "permuted":
+            images = images.reshape(len(images), -1)[:, permutation].reshape(images.shape)
+        elif variant == "inverted":
+            images = 255 - images
+        elif variant == "rotated":
+            images = torch.rot90(images, 1, dims=(1, 2))
+        else:  # noisy
+            noise = torch.randint(0, 256, images.shape, generator=generator) * (
+                torch.rand(images.shape, generator=generator) < 0.5
+            )
+            images = (images.int() + noise).clamp(max=255).to(torch.uint8)
+        image_file, label_file = MNIST_IDX_FILES[split]
+        write_idx(out_dir / f"{image_file}.gz", images)
+        write_idx(out_dir / f"{label_file}.gz", labels)
+    (out_dir / "README.md").write_text(
+        f"Not MNIST: MNIST with {VARIANTS[variant]} (built by mnist_data.make_variant).\n"
+    )
+    return out_dir
 
 
 def _hub_is_reachable(timeout: float = 5.0) -> bool:
@@ -168,27 +230,113 @@ def jitter_images(pixel_values: torch.Tensor, max_shift: int = 2, generator: tor
     return shifted.reshape(pixel_values.shape)
 
 
+def _gaussian_blur(fields: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of `(batch, channels, height, width)` fields (zero padding)."""
+    radius = max(1, int(round(2 * sigma)))
+    taps = torch.arange(-radius, radius + 1, dtype=fields.dtype, device=fields.device)
+    kernel = torch.exp(-(taps**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    batch, channels, height, width = fields.shape
+    flat = fields.reshape(batch * channels, 1, height, width)
+    flat = F.conv2d(flat, kernel.view(1, 1, 1, -1), padding=(0, radius))
+    flat = F.conv2d(flat, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+    return flat.reshape(batch, channels, height, width)
+
+
+@dataclass(frozen=True)
+class Distortion:
+    """
+    Random geometric distortion of training images, drawn anew for every image each time it is read.
+
+    An affine map (rotation, scaling, shear, translation) plus an elastic deformation (Simard, Steinkraus & Platt
+    2003: a field of uniform random displacements smoothed by a Gaussian of width `elastic_sigma` pixels and scaled by
+    `elastic_alpha` pixels), applied with bilinear sampling. Pixels sampled from outside the image repeat the border,
+    so the fill is the image's own background whatever its polarity (0 for MNIST, 1 for inverted digits).
+
+    `Distortion()` (all zeros) is the identity. [`Distortion.jitter`] is the paper's integer shift only.
+    """
+
+    max_rotation_degrees: float = 0.0
+    max_scale: float = 0.0  # zoom factor drawn from [1 - max_scale, 1 + max_scale]
+    max_shear: float = 0.0
+    max_shift_pixels: float = 0.0
+    elastic_alpha: float = 0.0
+    elastic_sigma: float = 4.0
+
+    @property
+    def is_identity(self) -> bool:
+        return not (
+            self.max_rotation_degrees
+            or self.max_scale
+            or self.max_shear
+            or self.max_shift_pixels
+            or self.elastic_alpha
+        )
+
+    def __call__(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Distort a `(batch, channels, height, width)` float batch; returns a new tensor of the same shape."""
+        if self.is_identity:
+            return pixel_values
+        batch, _, height, width = pixel_values.shape
+        device, dtype = pixel_values.device, pixel_values.dtype
+
+        def uniform(*shape):  # on [-1, 1], drawn on the CPU (where a default generator lives), then moved
+            return (2 * torch.rand(*shape, generator=generator) - 1).to(device=device, dtype=dtype)
+
+        angle = uniform(batch) * (self.max_rotation_degrees * torch.pi / 180)
+        scale = 1 + uniform(batch) * self.max_scale
+        shear = uniform(batch) * self.max_shear
+        # affine_grid works in normalised coordinates ([-1, 1] across the image): a shift of s pixels is 2s / size.
+        shift = uniform(batch, 2) * self.max_shift_pixels * 2 / torch.tensor([width, height], dtype=dtype)
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack(
+            [
+                torch.stack([cos, -sin + shear * cos, shift[:, 0]], -1),
+                torch.stack([sin, cos + shear * sin, shift[:, 1]], -1),
+            ],
+            dim=1,
+        )
+        grid = F.affine_grid(theta, list(pixel_values.shape), align_corners=False)
+        if self.elastic_alpha:
+            displacement = _gaussian_blur(uniform(batch, 2, height, width), self.elastic_sigma)
+            # Blurring shrinks the field's amplitude; rescale so `elastic_alpha` is the typical displacement in pixels.
+            displacement = displacement / displacement.std().clamp(min=1e-8) * self.elastic_alpha
+            scale_to_grid = 2 / torch.tensor([width, height], dtype=dtype, device=device)
+            grid = grid + displacement.permute(0, 2, 3, 1) * scale_to_grid
+        return F.grid_sample(pixel_values, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@dataclass(frozen=True)
+class Jitter:
+    """The paper's augmentation: every image shifted by its own random integer offset of up to `max_shift` pixels."""
+
+    max_shift: int = 2
+
+    def __call__(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return jitter_images(pixel_values, self.max_shift, generator)
+
+
 class ImageTensorDataset(Dataset):
     """
     In-memory image classification dataset yielding `{"pixel_values", "labels"}` examples for `Trainer`.
 
     It implements `__getitems__`, which PyTorch's `DataLoader` calls with a whole batch of indices: the batch is cut
-    with one tensor indexing operation and, when `max_shift > 0`, jittered with one call to [`jitter_images`]. The
-    jitter belongs to the dataset (not the collator) so that a `Trainer` augments only its training set: evaluation
-    and prediction datasets are built with `max_shift=0`.
+    with one tensor indexing operation and, when an `augmentation` is set ([`Jitter`], [`Distortion`]), augmented
+    with one call. The augmentation belongs to the dataset (not the collator) so that a `Trainer` augments only its
+    training set: evaluation and prediction datasets are built without one.
 
     Args:
         pixel_values: float images `(N, channels, height, width)` in [0, 1].
         labels: int64 class indices `(N,)`.
-        max_shift: jitter applied to every batch read from this dataset (0 = none).
+        augmentation: applied to every batch read from this dataset (None = none).
     """
 
-    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor, max_shift: int = 0):
+    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor, augmentation=None):
         if len(pixel_values) != len(labels):
             raise ValueError(f"{len(pixel_values)} images but {len(labels)} labels.")
         self.pixel_values = pixel_values
         self.labels = labels
-        self.max_shift = max_shift
+        self.augmentation = augmentation
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -198,23 +346,42 @@ class ImageTensorDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         indices = torch.as_tensor(indices, dtype=torch.long)
-        pixel_values = jitter_images(self.pixel_values[indices], self.max_shift)
+        pixel_values = self.pixel_values[indices]
+        if self.augmentation is not None:
+            pixel_values = self.augmentation(pixel_values)
         return [{"pixel_values": p, "labels": y} for p, y in zip(pixel_values, self.labels[indices])]
 
-    def with_jitter(self, max_shift: int) -> "ImageTensorDataset":
-        """The same examples (shared memory), read with a different jitter."""
-        return ImageTensorDataset(self.pixel_values, self.labels, max_shift=max_shift)
+    def with_augmentation(self, augmentation) -> "ImageTensorDataset":
+        """The same examples (shared memory), read through a different augmentation (None: none)."""
+        return ImageTensorDataset(self.pixel_values, self.labels, augmentation)
+
+    def select(self, keep: torch.Tensor) -> "ImageTensorDataset":
+        """The examples where the boolean mask (or at the indices) `keep` says so, with the same augmentation."""
+        return ImageTensorDataset(self.pixel_values[keep], self.labels[keep], self.augmentation)
 
     def without_label(self, label: int) -> "ImageTensorDataset":
         """A copy holding every example except those of class `label` (e.g. a transfer set without any 3s)."""
-        keep = self.labels != label
-        return ImageTensorDataset(self.pixel_values[keep], self.labels[keep], max_shift=self.max_shift)
+        return self.select(self.labels != label)
+
+    def only_labels(self, labels) -> "ImageTensorDataset":
+        """A copy holding only the examples of the classes in `labels` (e.g. a transfer set of 7s and 8s)."""
+        return self.select(torch.isin(self.labels, torch.as_tensor(list(labels))))
 
     def take(self, num_examples: int | None) -> "ImageTensorDataset":
         """The first `num_examples` examples (all when None), for quick runs."""
         if num_examples is None:
             return self
-        return ImageTensorDataset(self.pixel_values[:num_examples], self.labels[:num_examples], self.max_shift)
+        return self.select(slice(0, num_examples))
+
+    def to_hf_dataset(self):
+        """A `datasets.Dataset` of the same examples (no augmentation), e.g. for `precompute_teacher_logits`.
+
+        Pixels are stored flat (`channels × height × width` floats per row): Arrow hands a flat float column to
+        torch in one copy, several times faster per batch than nested lists (the MLP flattens its input anyway)."""
+        import datasets
+
+        flat = self.pixel_values.reshape(len(self), -1).numpy()
+        return datasets.Dataset.from_dict({"pixel_values": flat, "labels": self.labels.numpy()}).with_format("torch")
 
 
 @dataclass
@@ -256,7 +423,11 @@ def load_digit_splits(
     are only for when no `data_dir` is given.
     """
     if data_dir is not None:
-        splits, source = load_mnist_idx(data_dir), f"MNIST from the IDX files in {data_dir}"
+        splits = load_mnist_idx(data_dir)
+        if is_mnist(splits["test"][0]):
+            source = f"MNIST from the IDX files in {data_dir}"
+        else:
+            source = f"NOT MNIST: the IDX files in {data_dir} (not MNIST's test images; no paper numbers apply)"
     else:
         splits = None
         if use_hub:
@@ -289,3 +460,12 @@ def load_digit_splits(
         source=source,
         image_size=train_images.shape[-1],
     )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write a not-MNIST dataset of MNIST's format, built from MNIST.")
+    parser.add_argument("variant", choices=sorted(VARIANTS))
+    parser.add_argument("--data_dir", default="../shared/datasets/mnist", help="The MNIST IDX files.")
+    parser.add_argument("--out_dir", required=True)
+    arguments = parser.parse_args()
+    print(make_variant(arguments.data_dir, arguments.out_dir, arguments.variant))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mnist_data import ImageTensorDataset, load_mnist_idx
+from mnist_data import ImageTensorDataset, Jitter, load_mnist_idx
 from transformers import Trainer, TrainingArguments
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, MLPConfig, MLPForImageClassification
@@ -63,7 +63,7 @@ def test_distilled_student_beats_labels_only_student(tmp_path, mnist_dir):
     teacher_trainer = Trainer(
         model=teacher,
         args=TrainingArguments(**training_args(tmp_path / "teacher")),
-        train_dataset=data["train"].with_jitter(1),
+        train_dataset=data["train"].with_augmentation(Jitter(1)),
     )
     teacher_trainer.train()
 
@@ -105,7 +105,7 @@ def test_ensemble_of_teachers_trains_a_better_student_than_the_average_single_te
         args = TrainingArguments(
             **{**training_args(tmp_path / f"teacher{seed}"), "num_train_epochs": 10, "seed": seed}
         )
-        Trainer(model=teacher, args=args, train_dataset=data["train"].with_jitter(1)).train()
+        Trainer(model=teacher, args=args, train_dataset=data["train"].with_augmentation(Jitter(1))).train()
         teachers.append(teacher)
 
     def distilled_errors(teacher_model, name) -> int:

@@ -1,4 +1,4 @@
-"""Digit data (IDX reader, splits, fallback), batched jitter, and `examples/distill_mnist.py` end to end."""
+"""Digit data (IDX reader, splits, fallback, variants), augmentations, and `examples/distill_mnist.py` end to end."""
 
 import gzip
 import importlib.util
@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import MNIST_DIR, REPO_ROOT
-from mnist_data import ImageTensorDataset, jitter_images, load_digit_splits, read_idx
+from mnist_data import (
+    Distortion,
+    ImageTensorDataset,
+    Jitter,
+    is_mnist,
+    jitter_images,
+    load_digit_splits,
+    load_mnist_idx,
+    make_variant,
+    read_idx,
+)
 
 
 requires_mnist = pytest.mark.skipif(not MNIST_DIR.exists(), reason=f"MNIST IDX files not found in {MNIST_DIR}")
@@ -158,10 +168,55 @@ def test_dataset_jitters_whole_batches_only_when_asked():
     batch = dataset.__getitems__(list(range(0, 64, 2)))
     assert [example["labels"].item() for example in batch] == [i % 10 for i in range(0, 64, 2)]
     assert all(torch.equal(example["pixel_values"], images[2 * k]) for k, example in enumerate(batch))
-    jittered = dataset.with_jitter(2).__getitems__(list(range(64)))
+    jittered = dataset.with_augmentation(Jitter(2)).__getitems__(list(range(64)))
     shifts = {find_shift(images[i], example["pixel_values"], 2) for i, example in enumerate(jittered)}
     assert len(shifts) > 5  # one random offset per image, not one per batch
-    assert torch.equal(dataset.with_jitter(2).pixel_values, images)  # shared, never modified
+    assert torch.equal(dataset.with_augmentation(Jitter(2)).pixel_values, images)  # shared, never modified
+
+
+# ------------------------------------------------------------------------------------------------------ distortion
+
+
+def test_distortion_identity_is_a_no_op_and_settings_move_pixels_reproducibly():
+    images = torch.rand(8, 1, 28, 28)
+    assert Distortion()(images) is images
+    distort = Distortion(max_rotation_degrees=12, max_scale=0.1, max_shear=0.1, max_shift_pixels=2, elastic_alpha=1.5)
+    first = distort(images, generator=torch.Generator().manual_seed(3))
+    second = distort(images, generator=torch.Generator().manual_seed(3))
+    assert first.shape == images.shape and torch.equal(first, second)
+    assert not torch.allclose(first, images, atol=1e-3)
+    # A zero-size transform samples every pixel at its own centre: bilinear sampling returns the image.
+    still = Distortion(max_rotation_degrees=1e-9)(images)
+    assert torch.allclose(still, images, atol=1e-5)
+
+
+def test_distortion_fills_with_the_border_so_either_background_polarity_survives():
+    # A white image with a black border region far from the edge: shifting must not bring in black (0) from outside.
+    white = torch.ones(4, 1, 28, 28)
+    shifted = Distortion(max_shift_pixels=3, max_rotation_degrees=20)(white)
+    assert torch.allclose(shifted, white)
+
+
+# -------------------------------------------------------------------------------------------------------- variants
+
+
+@requires_mnist
+def test_variants_are_not_mnist_and_keep_labels(tmp_path):
+    original = load_mnist_idx(MNIST_DIR)
+    assert is_mnist(original["test"][0])
+    for variant in ("permuted", "inverted"):
+        folder = make_variant(MNIST_DIR, tmp_path / variant, variant)
+        built = load_mnist_idx(folder)
+        assert torch.equal(built["test"][1], original["test"][1]) and torch.equal(
+            built["train"][1], original["train"][1]
+        )
+        assert not is_mnist(built["test"][0])
+        splits = load_digit_splits(folder, validation_size=100)
+        assert splits.source.startswith("NOT MNIST") and not splits.is_mnist
+    inverted = load_mnist_idx(tmp_path / "inverted")["test"][0]
+    assert torch.equal(inverted, 255 - original["test"][0])
+    permuted = load_mnist_idx(tmp_path / "permuted")["test"][0]
+    assert torch.equal(permuted.flatten(1).sort(-1).values, original["test"][0].flatten(1).sort(-1).values)
 
 
 # ------------------------------------------------------------------------------------------------------ end to end
@@ -177,18 +232,37 @@ def load_example():
 TINY_RUN = [
     "--teacher_hidden_sizes", "64", "64", "--teacher_epochs", "3", "--teacher_learning_rate", "0.05",
     "--student_hidden_sizes", "16", "--num_train_epochs", "3", "--learning_rate", "0.01",
-    "--per_device_train_batch_size", "32", "--temperature", "4", "--use_cpu", "true",
+    "--per_device_train_batch_size", "32", "--temperature", "4", "--use_cpu", "true", "--num_threads", "1",
 ]  # fmt: skip
+
+
+def tiny_argv(data_dir, output_dir):
+    return [
+        "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--max_train_samples", "600",
+        "--validation_size", "200", "--max_test_samples", "300", *TINY_RUN,
+    ]  # fmt: skip
+
+
+def check_rows(saved, printed, names):
+    assert [row["name"] for row in saved["models"]] == names
+    for row in saved["models"]:
+        assert 0 <= row["test_errors"] <= 300
+        assert row["test_errors"] == round(row["test_error_percent"] * 300 / 100)
+        assert 0.0 <= row["agreement_with_teacher"] <= 1.0
+        assert 0 <= row["validation_errors"] <= 200
+        assert (
+            f"| {row['test_errors']} / 300 | {row['test_error_percent']:.2f} | {row['validation_errors']} |" in printed
+        )
+    assert saved["models"][0]["agreement_with_teacher"] == 1.0
+    assert saved["models"][0]["kl_from_teacher"] == pytest.approx(0.0, abs=1e-9)  # the fidelity metric module
+    assert all(row["kl_from_teacher"] >= 0 and 0 <= row["expected_calibration_error"] <= 1 for row in saved["models"])
 
 
 @requires_mnist
 @pytest.mark.slow
 def test_example_end_to_end_on_a_few_hundred_mnist_rows(tmp_path, capsys):
     example = load_example()
-    argv = [
-        "--data_dir", str(MNIST_DIR), "--output_dir", str(tmp_path), "--max_train_samples", "600",
-        "--validation_size", "200", "--max_test_samples", "300", *TINY_RUN,
-    ]  # fmt: skip
+    argv = tiny_argv(MNIST_DIR, tmp_path)
     results = example.main([*argv, "--omit_digit", "3"])
     printed = capsys.readouterr().out
 
@@ -197,36 +271,86 @@ def test_example_end_to_end_on_a_few_hundred_mnist_rows(tmp_path, capsys):
     assert (saved["train_size"], saved["validation_size"], saved["test_size"]) == (600, 200, 300)
     png = (tmp_path / "results_without_3.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
-
-    assert [row["name"] for row in saved["models"]] == ["teacher", "baseline", "distilled"]
-    for row in saved["models"]:
-        assert 0 <= row["test_errors"] <= 300
-        assert row["test_errors"] == round(row["test_error_percent"] * 300 / 100)
-        assert 0.0 <= row["agreement_with_teacher"] <= 1.0
-        assert len(row["learning_curve"]) == 3  # one validation point per epoch
-        assert f"| {row['test_errors']} / 300 | {row['test_error_percent']:.2f} |" in printed
-    assert saved["models"][0]["agreement_with_teacher"] == 1.0
-    assert saved["models"][0]["kl_from_teacher"] == pytest.approx(0.0, abs=1e-9)  # the fidelity metric module
-    assert all(row["kl_from_teacher"] >= 0 and 0 <= row["expected_calibration_error"] <= 1 for row in saved["models"])
+    check_rows(saved, printed, ["teacher", "baseline", "distilled"])
+    # The teacher's augmentation was chosen on validation among the quick preset's candidates.
+    assert set(saved["teacher"]["candidates"]) == {"none", "jitter"}
+    assert saved["teacher"]["validation_errors"] == min(saved["teacher"]["candidates"].values())
+    assert saved["models"][0]["validation_errors"] == saved["teacher"]["validation_errors"]
+    assert all(len(row["learning_curve"]) == 3 for row in saved["models"])  # one validation point per epoch
     assert [row["paper_test_errors"] for row in saved["models"]] == [67, None, None]  # no-3s students: see below
     assert [row["hidden_sizes"] for row in saved["models"]] == [[64, 64], [16], [16]]
+    train_labels = example.load_digit_splits(MNIST_DIR, validation_size=200).train.labels[:600]
+    assert [row["train_images"] for row in saved["models"]] == [600] + [int((train_labels != 3).sum())] * 2
     assert "| teacher | 2×64 |" in printed and "| distilled | 1×16 |" in printed
 
-    omitted = saved["omit_digit"]
-    number_of_threes = omitted["digit_test_count"]
+    correction = saved["bias_correction"]
     test_labels = example.load_digit_splits(MNIST_DIR).test.labels[:300]
-    assert omitted["digit"] == 3 and number_of_threes == int((test_labels == 3).sum())
-    assert omitted["errors"] == saved["models"][2]["test_errors"]  # "as trained" is the distilled row
-    assert 0 <= omitted["corrected_errors_on_digit"] <= omitted["corrected_errors"] <= 300
-    assert 0 <= omitted["errors_on_digit"] <= number_of_threes
-    assert f"| as trained | {omitted['errors']} | {omitted['errors_on_digit']} |" in printed
+    assert correction["unseen_classes"] == [3] and correction["unseen_test_count"] == int((test_labels == 3).sum())
+    assert correction["errors"] == saved["models"][2]["test_errors"]  # "as trained" is the distilled row
+    assert 0 <= correction["corrected_errors_on_unseen"] <= correction["corrected_errors"] <= 300
+    assert 0 <= correction["errors_on_unseen"] <= correction["unseen_test_count"]
+    assert f"| as trained | {correction['errors']} |" in printed
 
     # The plain experiment in the same output_dir reuses the saved teacher and writes its own files next to these.
     plain = example.main(argv)
-    assert not results["teacher_reused"] and plain["teacher_reused"]
-    assert "omit_digit" not in plain and (tmp_path / "results.json").exists() and (tmp_path / "results.png").exists()
+    assert not results["teacher"]["reused"] and plain["teacher"]["reused"]
+    assert (
+        "bias_correction" not in plain and (tmp_path / "results.json").exists() and (tmp_path / "results.png").exists()
+    )
     assert [row["paper_test_errors"] for row in plain["models"]] == [67, 146, 74]
     assert plain["models"][0]["test_errors"] == saved["models"][0]["test_errors"]
     assert plain["models"][0]["learning_curve"] == saved["models"][0]["learning_curve"]
     assert (tmp_path / "distilled" / "config.json").exists()
     assert (tmp_path / "distilled_without_3" / "config.json").exists()
+
+
+@requires_mnist
+@pytest.mark.slow
+def test_transfer_digits_and_train_fraction_experiments_end_to_end(tmp_path, capsys):
+    example = load_example()
+    argv = tiny_argv(MNIST_DIR, tmp_path)
+    only = example.main([*argv, "--transfer_digits", "7", "8", "--teacher_augmentations", "none"])
+    printed = capsys.readouterr().out
+    assert json.loads((tmp_path / "results_only_7_8.json").read_text())["models"] == json.loads(
+        json.dumps(only["models"])
+    )
+    check_rows(only, printed, ["teacher", "baseline", "distilled"])
+    correction = only["bias_correction"]
+    assert correction["unseen_classes"] == [0, 1, 2, 3, 4, 5, 6, 9]
+    assert "0, 1, 2, 3, 4, 5, 6 and 9s" in printed and "47.3%" in printed  # the paper's figure beside ours
+    train_labels = example.load_digit_splits(MNIST_DIR, validation_size=200).train.labels[:600]
+    assert only["models"][1]["train_images"] == int(((train_labels == 7) | (train_labels == 8)).sum())
+
+    fraction = example.main([*argv, "--train_fraction", "0.1", "--teacher_augmentations", "none"])
+    printed = capsys.readouterr().out
+    assert fraction["teacher"]["reused"]
+    check_rows(fraction, printed, ["teacher", "baseline", "distilled", "baseline (all images)"])
+    assert [row["train_images"] for row in fraction["models"]] == [600, 60, 60, 600]
+    # Same number of optimizer steps whatever the transfer set's size: 10x the epochs on a tenth of the images.
+    students = fraction["models"][1:]
+    assert [len(row["learning_curve"]) for row in students] == [3, 3, 3]
+    assert [point[0] for point in students[0]["learning_curve"]] == [
+        point[0] for point in students[2]["learning_curve"]
+    ]
+    assert "§6" in printed and (tmp_path / "results_fraction_0.1.png").exists()
+    with pytest.raises(ValueError, match="one experiment at a time"):
+        example.main([*argv, "--train_fraction", "0.1", "--omit_digit", "3"])
+
+
+@requires_mnist
+@pytest.mark.slow
+def test_a_teacher_that_loses_to_the_baseline_on_validation_is_reported(tmp_path, capsys):
+    """A case built to fail the check: a 4-unit teacher for one epoch cannot beat the baseline student."""
+    example = load_example()
+    argv = [*tiny_argv(make_variant(MNIST_DIR, tmp_path / "inverted", "inverted"), tmp_path / "out")]
+    argv += ["--teacher_hidden_sizes", "4", "--teacher_epochs", "1", "--student_hidden_sizes", "64"]
+    results = example.main(argv)
+    printed = capsys.readouterr().out
+    teacher, baseline = results["models"][0]["validation_errors"], results["models"][1]["validation_errors"]
+    assert teacher >= baseline
+    assert any(
+        w.startswith(f"WARNING: the teacher ({teacher} validation errors) does not beat") for w in results["warnings"]
+    )
+    assert results["warnings"][0] in printed and "--teacher_augmentations none" in printed
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["warnings"] == results["warnings"]
+    assert results["data_name"] == "not MNIST" and all(row["paper_test_errors"] is None for row in results["models"])
