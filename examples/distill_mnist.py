@@ -521,14 +521,11 @@ def train_student(name, training_args, preset, splits, transfer_set, teacher=Non
     return trainer, record
 
 
-def bias_for_unseen_classes(student_logits: torch.Tensor, teacher_logits: torch.Tensor, unseen: list[int]) -> float:
+def bias_matching_teacher_rate(student_logits: torch.Tensor, teacher_logits: torch.Tensor, unseen: list[int]) -> float:
     """
-    The amount to add to the student's logits of the classes it never saw a label of (`unseen`), so that it predicts
-    one of them on a set of images as often as the teacher does. Computed on the validation images without their
-    labels: the teacher, which saw every class, tells how frequent the missing classes are; the student's biases for
-    them are too low. Prediction frequency only grows with the bias, so a bisection finds the smallest bias that reaches
-    the teacher's. (Adding b to the unseen classes is, for predictions, lowering the seen ones by b: the paper's
-    "biases of 7 and 8 lowered by 7.6" is b = +7.6 on the other eight classes.)
+    A label-free bias for the classes the student never saw a label of (`unseen`): the amount to add to their logits
+    so that the student predicts one of them on a set of images as often as the teacher (which saw every class) does.
+    Prediction frequency only grows with the bias, so a bisection finds the smallest bias that reaches the teacher's.
     """
     unseen = torch.as_tensor(unseen)
     target_rate = torch.isin(teacher_logits.argmax(-1), unseen).float().mean()
@@ -543,6 +540,22 @@ def bias_for_unseen_classes(student_logits: torch.Tensor, teacher_logits: torch.
         middle = (low + high) / 2
         low, high = (low, middle) if rate(middle) >= target_rate else (middle, high)
     return high
+
+
+def bias_minimising_errors(student_logits: torch.Tensor, labels: torch.Tensor, unseen: list[int]) -> float:
+    """
+    The bias added to the logits of the `unseen` classes that leaves the fewest errors on a labelled set (here the
+    validation images: one number fitted on 5,000 images, as the paper fitted its +3.5 on the test set). Errors are a
+    step function of the bias; the scan covers ±30 in steps of 0.05 and returns the middle of the best interval.
+    """
+    biases = torch.arange(-600, 601) * 0.05
+    shift = torch.zeros(len(biases), student_logits.shape[-1])
+    shift[:, unseen] = biases[:, None]
+    counts = torch.stack([((student_logits + row).argmax(-1) != labels).sum() for row in shift])
+    best = (counts == counts.min()).nonzero().flatten()
+    # The middle of the first run of best values (a margin on both sides rather than an edge of the interval).
+    run_end = next((i for i in range(1, len(best)) if best[i] != best[i - 1] + 1), len(best))
+    return float(biases[best[:run_end]].mean())
 
 
 def validation_warnings(validation_errors: dict[str, float]) -> list[str]:
@@ -601,19 +614,23 @@ def markdown_table(results: dict) -> str:
         lines += [
             "",
             f"{results['experiment']}: the students never saw a label of the {unseen}; the teacher saw every digit. "
-            f"Bias added to the distilled student's logits of the {unseen}: {correction['bias']:+.2f}, "
-            f"{correction['method']}.",
+            f"A bias is added to the distilled student's logits of the {unseen}, chosen on the validation images: the "
+            "one with the fewest validation errors (used), and, without labels, the one at which the student predicts "
+            "them as often as the teacher does.",
             "",
-            f"| distilled student | test errors | error % | errors on the {correction['unseen_test_count']} test {unseen} |",
-            "| --- | ---: | ---: | ---: |",
+            f"| distilled student | bias | test errors | error % | errors on the {correction['unseen_test_count']} "
+            f"test {unseen} |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            f"| as trained | 0 | {correction['errors']} | {100 * correction['errors'] / results['test_size']:.2f} | "
+            f"{correction['errors_on_unseen']} |",
         ]
-        for label, key in (("as trained", ""), ("bias corrected", "corrected_")):
-            count = correction[f"{key}errors"]
+        for rule, row in correction["rules"].items():
             lines.append(
-                f"| {label} | {count} | {100 * count / results['test_size']:.2f} | {correction[f'{key}errors_on_unseen']} |"
+                f"| bias: {rule} | {row['bias']:+.2f} | {row['errors']} | "
+                f"{100 * row['errors'] / results['test_size']:.2f} | {row['errors_on_unseen']} |"
             )
         if correction["paper"]:
-            lines.append(f"| paper | {correction['paper']} | | |")
+            lines.append(f"| paper | {correction['paper']} | | | |")
     if results.get("paper_comparison"):
         lines += ["", f"Paper: {results['paper_comparison']}"]
     lines += [""] + (results["warnings"] or ["Checks on validation: teacher and distilled student beat the baseline."])
@@ -762,14 +779,13 @@ def main(argv: list[str] | None = None) -> dict:
     if unseen:
         distilled = students["distilled"][0].model
         distilled_logits = predict_logits(distilled, test_pixels)
-        validation_pixels = splits.validation.pixel_values
-        bias = bias_for_unseen_classes(
-            student_logits=predict_logits(distilled, validation_pixels),
-            teacher_logits=predict_logits(teacher, validation_pixels),
-            unseen=unseen,
-        )
-        corrected_logits = distilled_logits.clone()
-        corrected_logits[:, unseen] += bias
+        validation_logits = predict_logits(distilled, splits.validation.pixel_values)
+        rules = {
+            "fewest validation errors": bias_minimising_errors(validation_logits, splits.validation.labels, unseen),
+            "teacher's rate (label-free)": bias_matching_teacher_rate(
+                validation_logits, predict_logits(teacher, splits.validation.pixel_values), unseen
+            ),
+        }
         paper = None
         if splits.is_mnist and unseen == [3]:
             paper = (
@@ -782,16 +798,26 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{PAPER_ONLY_7_8['error_percent']}% as trained, {PAPER_ONLY_7_8['corrected_error_percent']}% with "
                 "the biases of 7 and 8 lowered by 7.6"
             )
+        corrected = {}
+        for rule, bias in rules.items():
+            logits = distilled_logits.clone()
+            logits[:, unseen] += bias
+            corrected[rule] = {
+                "bias": bias,
+                "errors": errors(logits, test_labels),
+                "errors_on_unseen": errors(logits, test_labels, only_classes=unseen),
+            }
+        chosen = corrected["fewest validation errors"]
         results["bias_correction"] = {
             "unseen_classes": unseen,
-            "bias": bias,
-            "method": "the smallest bias at which the student predicts one of these classes on the validation images "
-            "as often as the teacher does (no labels, no test images)",
             "unseen_test_count": int(torch.isin(test_labels, torch.as_tensor(unseen)).sum()),
             "errors": errors(distilled_logits, test_labels),
             "errors_on_unseen": errors(distilled_logits, test_labels, only_classes=unseen),
-            "corrected_errors": errors(corrected_logits, test_labels),
-            "corrected_errors_on_unseen": errors(corrected_logits, test_labels, only_classes=unseen),
+            # The rule the example uses, chosen before any run: the bias with the fewest validation errors.
+            "bias": chosen["bias"],
+            "corrected_errors": chosen["errors"],
+            "corrected_errors_on_unseen": chosen["errors_on_unseen"],
+            "rules": corrected,
             "paper": paper,
         }
     if example_args.train_fraction is not None and splits.is_mnist:

@@ -289,7 +289,9 @@ def test_example_end_to_end_on_a_few_hundred_mnist_rows(tmp_path, capsys):
     assert correction["errors"] == saved["models"][2]["test_errors"]  # "as trained" is the distilled row
     assert 0 <= correction["corrected_errors_on_unseen"] <= correction["corrected_errors"] <= 300
     assert 0 <= correction["errors_on_unseen"] <= correction["unseen_test_count"]
-    assert f"| as trained | {correction['errors']} |" in printed
+    assert f"| as trained | 0 | {correction['errors']} |" in printed
+    chosen = correction["rules"]["fewest validation errors"]
+    assert (correction["bias"], correction["corrected_errors"]) == (chosen["bias"], chosen["errors"])
 
     # The plain experiment in the same output_dir reuses the saved teacher and writes its own files next to these.
     plain = example.main(argv)
@@ -302,6 +304,21 @@ def test_example_end_to_end_on_a_few_hundred_mnist_rows(tmp_path, capsys):
     assert plain["models"][0]["learning_curve"] == saved["models"][0]["learning_curve"]
     assert (tmp_path / "distilled" / "config.json").exists()
     assert (tmp_path / "distilled_without_3" / "config.json").exists()
+
+
+def test_bias_rules_on_logits_with_a_known_answer():
+    """Images of class 2 score 1 below their wrong class 0; other images score 3 above class 2. A bias b on class 2
+    fixes the 2s once b > 1 and breaks the others once b > 3: the fewest errors lie in (1, 3], the teacher's rate
+    (it predicts 2 for the three 2s) is reached just above 1."""
+    example = load_example()
+    labels = torch.tensor([0, 1, 2, 2, 2, 0, 1])
+    logits = torch.zeros(7, 3)
+    logits[torch.arange(7), labels] = 3.0
+    logits[labels == 2, 2], logits[labels == 2, 0] = 2.0, 3.0
+    bias = example.bias_minimising_errors(logits, labels, unseen=[2])
+    assert 1 < bias <= 3 and bias == pytest.approx(2.0, abs=0.05)
+    teacher_logits = torch.nn.functional.one_hot(labels, 3).float()
+    assert example.bias_matching_teacher_rate(logits, teacher_logits, unseen=[2]) == pytest.approx(1.0, abs=1e-6)
 
 
 @requires_mnist
