@@ -320,6 +320,11 @@ class DistillationTrainer(Trainer):
                 f"{wanted} generates completions, which needs a causal-LM student with `generate` (a transformers "
                 f"`...ForCausalLM`), got {type(student).__name__}. Set lmbda=0, seq_kd=False, eval_on_policy=False."
             )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                f"{wanted} generates with the student, which is not supported when it is sharded (DeepSpeed, FSDP): "
+                "train with DDP or on one device, or set lmbda=0, seq_kd=False, eval_on_policy=False."
+            )
         if self.teacher_model is None:
             raise ValueError(
                 f"{wanted} needs an online teacher to score generated completions, but this trainer has only cached "
