@@ -94,16 +94,16 @@ def left_padded_prompts(
     if max_prompt_length is not None:
         mask = mask & rank_from_end.lt(max_prompt_length)
         lengths = lengths.clamp(max=max_prompt_length)
-    empty = lengths.eq(0)
     width = max(int(lengths.max()), 1)  # the one host sync: `generate` needs the shape
+    # Each prompt token goes to column `width - 1 - rank_from_end`; every other token to a spare last column, dropped.
+    destination = torch.where(mask, width - 1 - rank_from_end, width)
     batch = input_ids.shape[0]
-    ids = torch.full((batch, width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
-    attention = torch.zeros((batch, width), dtype=torch.long, device=input_ids.device)
-    rows, columns = mask.nonzero(as_tuple=True)
-    destination = width - 1 - rank_from_end[rows, columns]
-    ids[rows, destination] = input_ids[rows, columns]
-    attention[rows, destination] = 1
-    attention[:, -1] |= empty.long()  # an empty prompt: one attended pad token
+    ids = torch.full((batch, width + 1), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    attention = torch.zeros((batch, width + 1), dtype=torch.long, device=input_ids.device)
+    ids.scatter_(1, destination, input_ids)
+    attention.scatter_(1, destination, mask.long())
+    ids, attention = ids[:, :width], attention[:, :width]
+    attention[:, -1] |= lengths.eq(0).long()  # an empty prompt: one attended pad token
     return ids, attention
 
 

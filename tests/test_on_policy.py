@@ -394,6 +394,32 @@ def test_eval_on_policy(tmp_path):
     assert "eval_generated_tokens" not in off and "eval_loss_ce" in off
 
 
+# ---- command line and model card ----
+
+
+def test_arguments_from_the_command_line_and_the_model_card(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(DistillationTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--lmbda", "0.5", "--seq_kd", "true", "--max_new_tokens", "8"]
+        + ["--max_length", "24", "--generation_kwargs", '{"do_sample": false}', "--eval_on_policy", "true"]
+    )
+    assert (args.lmbda, args.seq_kd, args.max_new_tokens, args.max_length, args.eval_on_policy) == (
+        0.5,
+        True,
+        8,
+        24,
+        True,
+    )
+    assert args.generation_kwargs == {"do_sample": False}
+
+    trainer = build(tmp_path, max_steps=1)
+    trainer.train()
+    trainer.create_model_card(model_name="gkd-student")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "lmbda" in card and "max_new_tokens" in card
+
+
 # ---- bad input ----
 
 
