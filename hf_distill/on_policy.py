@@ -153,17 +153,19 @@ def generated_batch(
 
 @contextlib.contextmanager
 def forked_global_rng(seed: int, device: torch.device):
-    """The global RNGs (CPU, and `device`'s when it is an accelerator) seeded with `seed` inside the block and restored
-    after it, so sampling inside neither disturbs nor depends on the run's dropout / data RNG."""
-    accelerator = device.type not in ("cpu", "meta")
-    devices = [device.index if device.index is not None else 0] if accelerator and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerator else "cuda"):
-        torch.random.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            torch.cuda.manual_seed(seed)  # the current device only (the one forked)
-        elif accelerator:
-            torch.manual_seed(seed)
-        yield
+    """The global RNGs seeded with `seed` inside the block and restored after it, so sampling inside neither disturbs
+    nor depends on the run's dropout / data RNG: the CPU's, and on CUDA `device`'s. (Other accelerators' RNGs are left
+    alone: sampling there is not reproduced on resume.)"""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index], device_type="cuda"), torch.cuda.device(index):
+            torch.random.default_generator.manual_seed(seed)
+            torch.cuda.manual_seed(seed)  # this device only
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
 
 
 def draw_seed(generator: torch.Generator) -> int:

@@ -165,6 +165,26 @@ def test_prompt_mask_left_padding_truncation_and_completion_mask():
     assert kd_mask.equal(hand)
 
 
+def test_sampling_is_driven_by_its_generator_and_leaves_the_global_rng_alone():
+    student = student_model()
+    prompts, attention = torch.tensor([[0, 5, 6], [7, 8, 9]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+
+    def sample(generator):
+        return on_policy.generate_completions(
+            student, prompts, attention, generator=generator, max_new_tokens=8, pad_token_id=PAD, eos_token_ids=[EOS]
+        )
+
+    before = torch.get_rng_state()
+    generator = torch.Generator().manual_seed(7)
+    state = generator.get_state()
+    first, second = sample(generator), sample(generator)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert not torch.equal(generator.get_state(), state), "the generator advances"
+    assert torch.equal(sample(torch.Generator().set_state(state)), first)
+    assert not torch.equal(first, second)
+    assert student.training, "back in train mode"
+
+
 # ---- lmbda = 0 is the off-policy trainer ----
 
 
@@ -392,6 +412,10 @@ def test_eval_on_policy(tmp_path):
     assert again["eval_loss"] == metrics["eval_loss"], "each evaluation samples the same completions"
     off = build(tmp_path, per_device_eval_batch_size=4).evaluate(sft_dataset(n=8, seed=3))
     assert "eval_generated_tokens" not in off and "eval_loss_ce" in off
+    # the teacher in the student's place: its own completions, scored against itself
+    teacher_metrics = trainer.evaluate_teacher(sft_dataset(n=8, seed=3))
+    assert teacher_metrics["eval_loss_kd"] == pytest.approx(0.0, abs=1e-6)
+    assert teacher_metrics["eval_generated_tokens"] > 0
 
 
 # ---- command line and model card ----
