@@ -21,6 +21,7 @@ overridden, smallest first:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 from collections.abc import Mapping, Sequence
@@ -166,12 +167,15 @@ class _GenerationRngCallback(TrainerCallback):
             torch.save(self.generator.get_state(), os.path.join(folder, self.file))
 
 
+@dataclasses.dataclass(frozen=True)
 class _GenerationSettings:
     """What `hf_distill.on_policy` needs for every generated micro-batch, resolved once at `__init__`."""
 
-    def __init__(self, pad_token_id, eos_token_ids, max_prompt_length, kwargs, with_position_ids):
-        self.pad_token_id, self.eos_token_ids = pad_token_id, eos_token_ids
-        self.max_prompt_length, self.kwargs, self.with_position_ids = max_prompt_length, kwargs, with_position_ids
+    pad_token_id: int
+    eos_token_ids: list[int]
+    max_prompt_length: int | None  # max_length - max_new_tokens; None: unbounded
+    kwargs: dict[str, Any] | None  # `generation_kwargs`
+    with_position_ids: bool  # the student takes `position_ids` (left-padded rows need them)
 
 
 class DistillationTrainer(Trainer):

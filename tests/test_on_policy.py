@@ -7,9 +7,11 @@ import pytest
 import torch
 from conftest import VOCAB_SIZE, causal_lm_dataset, gpt2_config, seeded
 from test_trainer import make_args
-from transformers import GPT2LMHeadModel
+from transformers import GPT2LMHeadModel, HfArgumentParser
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, on_policy, precompute_teacher_logits
+from hf_distill.checkpoints import last_complete_checkpoint
+from hf_distill.models import counted_positions
 from hf_distill.on_policy import GENERATED_KEY
 
 
@@ -157,9 +159,6 @@ def test_prompt_mask_left_padding_truncation_and_completion_mask():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 4, 4], [0, 0, 1, 2, 3, 4, 5]]
     # the KD mask the trainer counts (shifted like the label loss): the completion up to and including EOS
-    counted = on_policy.prompt_mask  # noqa: F841 (readability: counting is `counted_positions`)
-    from hf_distill.models import counted_positions
-
     kd_mask = counted_positions(batch, token_level=True, shift=True, main_input_name="input_ids")
     hand = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
     assert kd_mask.equal(hand)
@@ -388,8 +387,6 @@ def test_resume_reproduces_sampled_run(tmp_path):
     assert losses_of(fresh) != losses_of(full)
     # a checkpoint without the generation RNG state is not complete
     (tmp_path / "full" / "checkpoint-4" / on_policy.GENERATION_RNG_FILE).unlink()
-    from hf_distill.checkpoints import last_complete_checkpoint
-
     with pytest.raises(ValueError, match="No complete checkpoint"):
         last_complete_checkpoint(str(tmp_path / "full"), also_needs=[on_policy.GENERATION_RNG_FILE])
     assert last_complete_checkpoint(str(tmp_path / "resumed"), also_needs=[on_policy.GENERATION_RNG_FILE]).endswith(
@@ -422,8 +419,6 @@ def test_eval_on_policy(tmp_path):
 
 
 def test_arguments_from_the_command_line_and_the_model_card(tmp_path):
-    from transformers import HfArgumentParser
-
     (args,) = HfArgumentParser(DistillationTrainingArguments).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--lmbda", "0.5", "--seq_kd", "true", "--max_new_tokens", "8"]
         + ["--max_length", "24", "--generation_kwargs", '{"do_sample": false}', "--eval_on_policy", "true"]
