@@ -13,6 +13,7 @@ from hf_distill import DistillationTrainer, DistillationTrainingArguments, on_po
 from hf_distill.checkpoints import last_complete_checkpoint
 from hf_distill.models import counted_positions
 from hf_distill.on_policy import GENERATED_KEY
+from hf_distill.teacher_cache import TEACHER_COLUMNS
 
 
 PAD, EOS = 0, 1
@@ -333,6 +334,24 @@ def test_lmbda_half_mixes_batches_and_the_fraction_is_logged(tmp_path):
     (log,) = [h for h in trainer.state.log_history if "loss" in h]
     assert log["on_policy_fraction"] == len(calls) / 8
     assert 0 < len(calls) < 8, "seed 0 flips both sides in 8 coins"
+
+
+def test_cached_teacher_columns_of_a_generated_batch_are_dropped(tmp_path):
+    teacher = teacher_model()
+    cached = precompute_teacher_logits(teacher, causal_lm_dataset(n=8), batch_size=4, dtype="float32")
+    trainer = DistillationTrainer(
+        model=student_model(), teacher_model=teacher, args=on_policy_args(tmp_path, max_steps=1), train_dataset=cached
+    )
+    teacher_calls = []
+    teacher.register_forward_hook(lambda module, args, kwargs_or_output: teacher_calls.append(1))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert any(column in batch for column in TEACHER_COLUMNS)
+    (generated,), _ = trainer.get_batch_samples(iter([batch]), 1, trainer.args.device)
+    assert not any(column in generated for column in TEACHER_COLUMNS)
+    teacher_calls.clear()
+    trainer.train()
+    assert teacher_calls, "the online teacher scores the generated completions"
+    assert losses_of(trainer)[0] > 0
 
 
 # ---- seq_kd ----
