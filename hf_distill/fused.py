@@ -34,10 +34,12 @@ padding costs nothing and a NaN there stays out. The teacher is a constant: no g
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .chunked import default_chunk_size, divergence_and_student_gradient
 from .divergences import get_distillation_loss
@@ -170,6 +172,12 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, with_gradient: bo
 class _FusedLinearDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, settings: _Settings):
+        # float32 per chunk whatever the surrounding autocast (which would run the head's matmuls in bf16/fp16)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _FusedLinearDistillation._forward(ctx, hidden, weight, bias, settings)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, settings: _Settings):
         needs = ctx.needs_input_grad[:3]
         with_gradient = any(needs)
         device = hidden.device
@@ -357,4 +365,60 @@ def fused_linear_distillation_loss(
         teacher_softcap=teacher_softcap,
         chunk_size=chunk_size,
     )
-    return FusedDistillationLoss(*_FusedLinearDistillation.apply(student_hidden, student_weight, student_bias, settings))
+    return FusedDistillationLoss(
+        *_FusedLinearDistillation.apply(student_hidden, student_weight, student_bias, settings)
+    )
+
+
+# ---- the output head of a causal LM ----
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearHead:
+    """A model's output head as :func:`fused_linear_distillation_loss` takes it: ``z = softcap(s · (h Wᵀ + b))``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits of ``hidden [..., H]`` (for checking the head against the model's own logits)."""
+        bias = None if self.bias is None else self.bias.float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _head(hidden.float(), self.weight.float(), bias, self.logit_scale, self.softcap)[0]
+
+
+def linear_head(model: nn.Module) -> LinearHead | str:
+    """The :class:`LinearHead` of a transformers causal LM, or why it has none usable here.
+
+    The head is ``get_output_embeddings()`` (an ``nn.Linear``, possibly tied to the input embedding); the transforms
+    after it are read from the config: ``logit_scale`` (Cohere) and ``final_logit_softcapping`` (Gemma 2/3). A model
+    that transforms its logits otherwise is caught by :func:`head_reproduces_logits` on the first batch.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Linear):
+        return f"{type(model).__name__} has no linear output head (`get_output_embeddings()` is {type(head).__name__})"
+    config = getattr(model, "config", None)
+    scale = getattr(config, "logit_scale", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if scale is not None and not isinstance(scale, numbers.Real):
+        return f"{type(model).__name__}'s `config.logit_scale` is not a number"
+    if softcap is not None and not (isinstance(softcap, numbers.Real) and softcap > 0):
+        softcap = None
+    return LinearHead(head.weight, head.bias, 1.0 if scale is None else float(scale), softcap)
+
+
+def head_reproduces_logits(head: LinearHead, last_hidden: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether ``head`` applied to the model's last hidden states ``[..., H]`` gives its own ``logits`` ``[..., V]`` (to
+    the rounding of the model's dtype): the check that `hidden_states[-1]` is what the head reads, and that no other
+    transform follows it."""
+    if logits.shape[:-1] != last_hidden.shape[:-1] or logits.shape[-1] != head.weight.shape[0]:
+        return False
+    with torch.no_grad():
+        expected = head.logits(last_hidden)
+        tolerance = 1e-5 if logits.dtype == torch.float32 else 2e-2
+        return bool(
+            torch.allclose(logits.float(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+        )

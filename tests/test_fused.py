@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SEQ_LEN, VOCAB_SIZE, bert_config, causal_lm_dataset, gpt2_config, seeded, sequence_dataset
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import (
+    BertForSequenceClassification,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
-from hf_distill import losses
+import hf_distill.trainer as trainer_module
+from hf_distill import DistillationTrainer, DistillationTrainingArguments, losses, precompute_teacher_logits
 from hf_distill.fused import fused_linear_distillation_loss
 
 
@@ -273,3 +285,261 @@ def test_bad_arguments_are_named():
         fused_linear_distillation_loss(hidden, weight, teacher_logits=torch.zeros(N, VOCAB), vocab_size=VOCAB + 1)
     with pytest.raises(ValueError, match="Unknown distillation loss"):
         fused_linear_distillation_loss(hidden, weight, teacher_logits=torch.zeros(N, VOCAB), loss_type="nope")
+
+
+# ---- through the trainer ----
+
+
+def llama_config(hidden_size=16, **overrides):
+    values = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    return LlamaConfig(**{**values, **overrides})
+
+
+FAMILIES = {
+    "gpt2": (lambda: GPT2LMHeadModel(gpt2_config(16)), lambda: GPT2LMHeadModel(gpt2_config(32, n_layer=2))),
+    "llama": (
+        lambda: LlamaForCausalLM(llama_config(16)),
+        lambda: LlamaForCausalLM(llama_config(24, num_hidden_layers=2, tie_word_embeddings=True)),
+    ),
+}
+
+
+def make_args(tmp_path, **overrides) -> DistillationTrainingArguments:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        max_steps=20,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        alpha=0.7,
+        temperature=2.0,
+    )
+    return DistillationTrainingArguments(**{**values, **overrides})
+
+
+def train_logs(tmp_path, name, family, fuse, teacher=None, dataset=None, **overrides):
+    """Train a seeded student; the logged (loss, loss_kd, loss_ce) per step, its final weights, and the trainer."""
+    student_factory, teacher_factory = FAMILIES[family]
+    model = seeded(student_factory, 0)
+    trainer = DistillationTrainer(
+        model=model,
+        teacher_model=teacher if teacher is not None or dataset is not None else seeded(teacher_factory, 1),
+        args=make_args(tmp_path / name, kd_fuse_lm_head=fuse, **overrides),
+        train_dataset=dataset if dataset is not None else causal_lm_dataset(n=40, ragged=True),
+    )
+    trainer.train()
+    logs = [
+        tuple(log.get(key) for key in ("loss", "loss_kd", "loss_ce"))
+        for log in trainer.state.log_history
+        if "loss" in log
+    ]
+    return logs, torch.cat([p.detach().flatten() for p in model.parameters()]), trainer
+
+
+def assert_same_run(fused, naive):
+    assert len(fused[0]) == len(naive[0]) > 0
+    for fused_log, naive_log in zip(fused[0], naive[0]):
+        assert [value is None for value in fused_log] == [value is None for value in naive_log]
+        assert [v for v in fused_log if v is not None] == pytest.approx(
+            [v for v in naive_log if v is not None], rel=1e-5
+        )
+    torch.testing.assert_close(fused[1], naive[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("loss_type", ["kl", "jsd"])
+def test_fused_training_logs_the_naive_losses(tmp_path, family, loss_type):
+    """20 steps, online teacher, ragged batches: the same logged loss, loss_kd, loss_ce and the same weights."""
+    naive = train_logs(tmp_path, "naive", family, False, distillation_loss=loss_type)
+    fused = train_logs(tmp_path, "fused", family, True, distillation_loss=loss_type)
+    assert all(log[2] is not None for log in fused[0])
+    assert_same_run(fused, naive)
+    assert fused[2]._fused_heads_checked == {"student": True, "teacher": True}
+
+
+def test_fused_path_skips_the_full_logits(tmp_path):
+    """The student's head runs on one position per row in training (`logits_to_keep=1`)."""
+    student_factory, teacher_factory = FAMILIES["gpt2"]
+    model = seeded(student_factory, 0)
+    widths = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: widths.append(output.shape[1]))
+    trainer = DistillationTrainer(
+        model=model,
+        teacher_model=seeded(teacher_factory, 1),
+        args=make_args(tmp_path, kd_fuse_lm_head=True, max_steps=2),
+        train_dataset=causal_lm_dataset(n=16),
+    )
+    trainer.train()
+    assert widths == [1, 1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_gradient_accumulation_4x4_equals_16x1(tmp_path, family):
+    runs = {
+        name: train_logs(
+            tmp_path,
+            name,
+            family,
+            True,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=3,
+        )
+        for name, batch, accumulation in (("16x1", 16, 1), ("4x4", 4, 4))
+    }
+    naive = train_logs(tmp_path, "naive", family, False, per_device_train_batch_size=16, max_steps=3)
+    assert_same_run(runs["4x4"], runs["16x1"])
+    assert_same_run(runs["16x1"], naive)
+
+
+@pytest.mark.parametrize("cache", ["full", "top_k", "top_k_tail"])
+def test_fused_training_from_caches_logs_the_naive_losses(tmp_path, cache):
+    teacher = seeded(FAMILIES["gpt2"][1], 1)
+    options = {"full": dict(dtype="float32"), "top_k": dict(top_k=6), "top_k_tail": dict(top_k=6, top_k_tail=True)}
+    dataset = precompute_teacher_logits(teacher, causal_lm_dataset(n=40, ragged=True), **options[cache])
+    naive = train_logs(tmp_path, "naive", "gpt2", False, dataset=dataset, max_steps=10)
+    fused = train_logs(tmp_path, "fused", "gpt2", True, dataset=dataset, max_steps=10)
+    assert_same_run(fused, naive)
+
+
+def test_fused_alpha_one_logs_no_label_term(tmp_path):
+    naive = train_logs(tmp_path, "naive", "llama", False, alpha=1.0, max_steps=5)
+    fused = train_logs(tmp_path, "fused", "llama", True, alpha=1.0, max_steps=5)
+    assert all(log[2] is None for log in fused[0])
+    assert_same_run(fused, naive)
+
+
+def test_padded_vocabularies_are_compared_on_the_tokenizers_range(tmp_path):
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel({f"t{i}": i for i in range(VOCAB_SIZE)}, unk_token="t0")), pad_token="t0"
+    )
+    teacher = seeded(lambda: GPT2LMHeadModel(gpt2_config(32, vocab_size=VOCAB_SIZE + 24)), 1)
+    runs = {}
+    for name, fuse in (("naive", False), ("fused", True)):
+        model = seeded(lambda: GPT2LMHeadModel(gpt2_config(16, vocab_size=VOCAB_SIZE + 8)), 0)
+        trainer = DistillationTrainer(
+            model=model,
+            teacher_model=teacher,
+            args=make_args(tmp_path / name, kd_fuse_lm_head=fuse, max_steps=5),
+            train_dataset=causal_lm_dataset(n=20, ragged=True),
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        assert trainer._kd_vocab_size == VOCAB_SIZE
+        logs = [(h["loss"], h["loss_kd"], h["loss_ce"]) for h in trainer.state.log_history if "loss" in h]
+        runs[name] = (logs, torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert_same_run(runs["fused"], runs["naive"])
+
+
+def test_evaluate_and_predict_are_unaffected(tmp_path):
+    """Evaluation and prediction use the logits as before; compute_metrics sees them."""
+    dataset = causal_lm_dataset(n=16)
+    seen = []
+
+    def metrics(prediction):
+        seen.append(prediction.predictions.shape)
+        return {"accuracy": float((prediction.predictions.argmax(-1)[:, :-1] == prediction.label_ids[:, 1:]).mean())}
+
+    results = {}
+    for fuse in (False, True):
+        student_factory, teacher_factory = FAMILIES["gpt2"]
+        trainer = DistillationTrainer(
+            model=seeded(student_factory, 0),
+            teacher_model=seeded(teacher_factory, 1),
+            args=make_args(tmp_path / str(fuse), kd_fuse_lm_head=fuse),
+            eval_dataset=dataset,
+            compute_metrics=metrics,
+        )
+        evaluation = trainer.evaluate()
+        prediction = trainer.predict(dataset)
+        results[fuse] = (evaluation, prediction.predictions)
+    assert seen[0] == seen[-1] == (16, SEQ_LEN, VOCAB_SIZE)
+    for key in ("eval_loss", "eval_loss_kd", "eval_loss_ce", "eval_accuracy", "eval_teacher_agreement"):
+        assert results[True][0][key] == results[False][0][key], key
+    np.testing.assert_array_equal(results[True][1], results[False][1])
+
+
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("classifier", "not a causal LM"),
+        ("intermediate_matches", "intermediate_matches"),
+        ("plain_teacher", "teacher"),
+        ("label_smoothing", "label smoothing"),
+    ],
+)
+def test_forcing_it_where_it_cannot_apply_names_the_parameter(tmp_path, case, pattern):
+    student_factory, teacher_factory = FAMILIES["gpt2"]
+    student, teacher, overrides = seeded(student_factory, 0), seeded(teacher_factory, 1), {}
+    dataset = causal_lm_dataset(n=8)
+    if case == "classifier":
+        student = BertForSequenceClassification(bert_config())
+        teacher, dataset = BertForSequenceClassification(bert_config()), sequence_dataset(n=8)
+    elif case == "intermediate_matches":
+        overrides = dict(intermediate_matches=[{"student_layer": 1, "teacher_layer": 2, "feature": "hidden"}])
+    elif case == "plain_teacher":
+        teacher = PlainCausalTeacher()
+    else:
+        overrides = dict(label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match=f"kd_fuse_lm_head=True.*{pattern}"):
+        DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=make_args(tmp_path, kd_fuse_lm_head=True, **overrides),
+            train_dataset=dataset,
+        )
+    # Automatic: the same setup trains on the logits.
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, max_steps=1, **overrides),
+        train_dataset=dataset,
+    )
+    assert trainer._fused_obstacle is not None
+
+
+class PlainCausalTeacher(torch.nn.Module):
+    """A bare module returning causal-LM logits: no output head the fused path can use."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(VOCAB_SIZE, VOCAB_SIZE)
+
+    def forward(self, input_ids):
+        return self.embedding(input_ids)
+
+
+def test_a_head_it_cannot_reproduce_falls_back_or_raises(tmp_path, monkeypatch):
+    """A model transforming its logits in an unknown way: automatic mode trains on the logits, True raises."""
+
+    class Scaled(GPT2LMHeadModel):
+        def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
+            outputs = super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **kwargs
+            )
+            outputs.logits = outputs.logits * 0.5
+            return outputs
+
+    with pytest.raises(ValueError, match="kd_fuse_lm_head=True.*does not give its logits"):
+        train_logs(tmp_path, "forced", "gpt2", True, teacher=seeded(lambda: Scaled(gpt2_config(32)), 1), max_steps=1)
+    naive = train_logs(
+        tmp_path, "naive", "gpt2", False, teacher=seeded(lambda: Scaled(gpt2_config(32)), 1), max_steps=3
+    )
+    monkeypatch.setattr(trainer_module, "FUSED_LM_HEAD_THRESHOLD", 0)  # automatic mode would fuse these tiny logits
+    auto = train_logs(tmp_path, "auto", "gpt2", None, teacher=seeded(lambda: Scaled(gpt2_config(32)), 1), max_steps=3)
+    assert auto[2]._fused_heads_checked == {"student": True, "teacher": False}
+    assert_same_run(auto, naive)
