@@ -371,8 +371,12 @@ def test_fused_training_logs_the_naive_losses(tmp_path, family, loss_type):
     assert fused[2]._fused_heads_checked == {"student": True, "teacher": True}
 
 
-def test_fused_path_skips_the_full_logits(tmp_path):
-    """The student's head runs on one position per row in training (`logits_to_keep=1`)."""
+@pytest.mark.parametrize("setting, threshold, fused", [(True, None, True), (None, 0, True), (None, None, False)])
+def test_fused_path_skips_the_full_logits(tmp_path, monkeypatch, setting, threshold, fused):
+    """Fused, the student's head runs on one position per row in training (`logits_to_keep=1`); automatic mode fuses
+    from `FUSED_LM_HEAD_THRESHOLD` elements (tiny logits stay on the logits path)."""
+    if threshold is not None:
+        monkeypatch.setattr(trainer_module, "FUSED_LM_HEAD_THRESHOLD", threshold)
     student_factory, teacher_factory = FAMILIES["gpt2"]
     model = seeded(student_factory, 0)
     widths = []
@@ -380,11 +384,11 @@ def test_fused_path_skips_the_full_logits(tmp_path):
     trainer = DistillationTrainer(
         model=model,
         teacher_model=seeded(teacher_factory, 1),
-        args=make_args(tmp_path, kd_fuse_lm_head=True, max_steps=2),
+        args=make_args(tmp_path, kd_fuse_lm_head=setting, max_steps=2),
         train_dataset=causal_lm_dataset(n=16),
     )
     trainer.train()
-    assert widths == [1, 1]
+    assert widths == ([1, 1] if fused else [SEQ_LEN, SEQ_LEN])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -539,7 +543,7 @@ def test_a_head_it_cannot_reproduce_falls_back_or_raises(tmp_path, monkeypatch):
     naive = train_logs(
         tmp_path, "naive", "gpt2", False, teacher=seeded(lambda: Scaled(gpt2_config(32)), 1), max_steps=3
     )
-    monkeypatch.setattr(trainer_module, "FUSED_LM_HEAD_THRESHOLD", 0)  # automatic mode would fuse these tiny logits
+    monkeypatch.setattr(trainer_module, "FUSED_LM_HEAD_THRESHOLD", 0)  # so that automatic mode fuses tiny logits
     auto = train_logs(tmp_path, "auto", "gpt2", None, teacher=seeded(lambda: Scaled(gpt2_config(32)), 1), max_steps=3)
     assert auto[2]._fused_heads_checked == {"student": True, "teacher": False}
     assert_same_run(auto, naive)
