@@ -84,7 +84,8 @@ class DistillationTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Token-level KD at bounded memory: positions per chunk of `hf_distill.chunked`. None: chunked "
-            "automatically when the KD logits exceed 2**24 elements (default chunk size); 0: never chunked."
+            "automatically when the KD logits exceed 6 * 2**20 elements (default chunk size; the measured crossover, "
+            "docs/losses.md); 0: never chunked."
         },
     )
     kd_fuse_lm_head: bool | None = field(
