@@ -212,8 +212,8 @@ class _FusedLinearDistillation(torch.autograd.Function):
             kd_sum += torch.where(kd_rows, values, 0.0).sum()
             nonfinite |= ~torch.isfinite(torch.where(kd_rows[:, None], teacher, 0.0).sum())
             gradient = None
-            if with_gradient and settings.kd_weight != 0:
-                gradient = torch.where(kd_rows[:, None], kd_gradient, 0.0).mul_(settings.kd_weight)
+            if with_gradient and settings.kd_weight != 0:  # the gradient is this chunk's own buffer: in place
+                gradient = kd_gradient.masked_fill_(~kd_rows[:, None], 0.0).mul_(settings.kd_weight)
             if settings.labels is not None:
                 ce_values, ce_gradient = _cross_entropy(
                     logits, settings.labels[rows], with_gradient and settings.ce_weight != 0

@@ -71,15 +71,15 @@ from .teachers import (
 logger = logging.get_logger(__name__)
 
 # Above this many elements in the token-level KD logits, `kd_chunk_size=None` chunks the loss (the naive loss holds ~5
-# float32 copies of them for backward). Measured (`benchmarks/bench_kd_crossover.py`, float32 fwd+bwd, 1 thread of a
-# busy 2-core CPU, chunked / naive time): ≥ 1.0 up to 4M elements (1.0-1.8 at 2M-4M, per-call overhead below), ≈ 0.9-1.0
-# at 6.3M (768 × 8192), 0.6-0.9 at 8M (1016 × 8192: 0.70-0.87), 0.36 at 16M, 0.25 from 33M; so chunked above 6M.
+# float32 copies of them for backward). Measured (`benchmarks/bench_kd_crossover.py`, float32 fwd+bwd, one thread of a
+# busy 2-core CPU, two runs, chunked / naive time): 1.0-1.8 up to 4M elements (per-call overhead, small tensors),
+# 0.9-1.0 at 6.3M (768 × 8192), 0.6-0.95 at 8.2M-8.3M (1016 × 8192: 0.70-0.87), 0.35 at 16M, 0.25-0.28 from 33M.
 CHUNKED_KD_THRESHOLD = 6 << 20
-# `kd_fuse_lm_head=None` fuses the student's output head with the loss (`hf_distill.fused`) on training steps whose
-# student logits [B, L, V] would hold at least this many elements. Measured with the same script (H = 256, online
-# teacher, KD + label term; fused / logits time): 1.0-1.2 at 1M, 0.78 at 2M, 0.65-0.85 from 4M to 65M, peak memory
-# ≈ equal up to 4M and 4-7× smaller from 33M.
-FUSED_LM_HEAD_THRESHOLD = 1 << 21
+# From this many elements in the student's logits [B, L, V], `kd_fuse_lm_head=None` fuses its output head with the loss
+# (`hf_distill.fused`) on training steps. Same script (H = 256, online teacher, KD + label term; fused / logits): 0.8-1.2
+# up to 4M (its fixed per-chunk memory then exceeds the logits'), 0.7-1.0 at 6.3M with 0.64× the peak memory,
+# 0.65-0.85 from 8M to 65M, the peak memory ≈ 1× at 8M, 0.34× at 33M, 0.15× at 65M.
+FUSED_LM_HEAD_THRESHOLD = 6 << 20
 
 
 class _DistillationStats:
