@@ -96,7 +96,17 @@ class DistillationTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Token-level KD at bounded memory: positions per chunk of `hf_distill.chunked`. None: chunked "
-            "automatically when the KD logits exceed 2**24 elements (default chunk size); 0: never chunked."
+            "automatically when the KD logits exceed 6 * 2**20 elements (default chunk size; the measured crossover, "
+            "docs/losses.md); 0: never chunked."
+        },
+    )
+    kd_fuse_lm_head: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Causal LMs: compute the KD and label losses from the student's last hidden state and output head "
+            "chunk by chunk (`hf_distill.fused`), never forming the [tokens, vocabulary] logits in training. None: "
+            "automatically, on training steps where it applies and the logits are large enough for it to pay off; "
+            "True: always (an error says why when it cannot apply); False: never. Evaluation always uses the logits."
         },
     )
     ensemble_reduction: str = field(

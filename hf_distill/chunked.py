@@ -26,13 +26,14 @@ The teacher logits are constants (the trainer computes them under ``no_grad``); 
 neither value nor gradient, and are never read, so a NaN/inf there (padding) stays out as with
 :func:`hf_distill.losses.masked_sum`.
 
-Not built here: a *fused* ``lm_head`` + KD variant (Liger's ``LigerFusedLinearJSD``) that takes the student's last
-hidden state ``[N, H]`` and ``lm_head`` weight ``[V, H]`` and forms logits chunk by chunk, returning gradients for
-hidden state and weight. It removes the remaining ``[N, V]`` tensors (the student's logits, their gradient, and the
-teacher's logits if the teacher is fused too), which matters once those dominate: e.g. N = 64K tokens at V = 152K is
-≈ 40 GiB per float32 ``[N, V]`` tensor. It needs the student's forward to stop before ``lm_head`` (transformers models
-always materialise ``logits`` unless called with ``logits_to_keep``), so it does not fit `DistillationTrainer`'s
-contract of distilling any model's ``outputs.logits``; it would be a separate, causal-LM-only path.
+The *fused* variant, :mod:`hf_distill.fused` (the idea of Liger's ``LigerFusedLinearJSD``), starts one step
+earlier: from the student's last hidden state ``[N, H]`` and ``lm_head`` weight ``[V, H]`` it forms the logits chunk
+by chunk with this module's per-chunk closed forms, and returns gradients for the hidden state, the weight and the
+bias. It removes the remaining ``[N, V]`` tensors (the student's logits, their gradient, and the teacher's logits when
+the teacher is an online causal LM too), which matters once those dominate: e.g. N = 64K tokens at V = 152K is
+≈ 40 GiB per float32 ``[N, V]`` tensor. Since transformers models always materialise ``logits`` unless called with
+``logits_to_keep``, `DistillationTrainer` uses it only on causal-LM training steps (``kd_fuse_lm_head``), where it calls
+the models with ``logits_to_keep=1`` and ``output_hidden_states=True``; this module serves every other case.
 """
 
 from __future__ import annotations

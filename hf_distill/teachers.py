@@ -284,6 +284,24 @@ def teacher_forward(
         return logits_of(teacher(**teacher_inputs))
 
 
+def teacher_last_hidden_state(
+    teacher: nn.Module,
+    inputs: Mapping[str, Any],
+    *,
+    accepted: set[str] | None,
+    autocast: Callable[[], Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal-LM teacher's final hidden states ``[B, L, H]`` and its last position's logits ``[B, 1, V]``: one
+    no-grad forward (as :func:`teacher_forward`) that skips the full logits (``logits_to_keep=1``), for the fused
+    ``lm_head`` path (`hf_distill.fused`)."""
+    teacher_inputs = {key: value for key, value in inputs.items() if key != "labels" and key in (accepted or ())}
+    if "use_cache" in (accepted or ()):
+        teacher_inputs["use_cache"] = False
+    with torch.no_grad(), autocast() if autocast is not None else contextlib.nullcontext():
+        outputs = teacher(**teacher_inputs, output_hidden_states=True, logits_to_keep=1)
+    return (outputs.hidden_states or [None])[-1], outputs.logits
+
+
 # ---- the teacher's signal for one micro-batch ----
 
 

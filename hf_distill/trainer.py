@@ -47,6 +47,7 @@ from .data_checks import (
 )
 from .distributed import check_teacher_placement, needs_late_placement, place_teacher
 from .evaluation import cached_teacher_evaluation
+from .fused import fused_linear_distillation_loss, head_reproduces_logits, linear_head
 from .hub import push_errors_explained
 from .intermediate import PROJECTIONS_FILE, IntermediateMatchesCallback, build_intermediate_matcher
 from .model_card import write_distillation_model_card
@@ -78,14 +79,22 @@ from .teachers import (
     build_teacher,
     check_output_sizes,
     teacher_forward,
+    teacher_last_hidden_state,
 )
 
 
 logger = logging.get_logger(__name__)
 
-# Above this many elements in the token-level KD logits (e.g. 8 × 512 × 4096), `kd_chunk_size=None` chunks the loss:
-# the naive loss holds ~5 float32 copies of them for backward.
-CHUNKED_KD_THRESHOLD = 1 << 24
+# Above this many elements in the token-level KD logits, `kd_chunk_size=None` chunks the loss (the naive loss holds ~5
+# float32 copies of them for backward). Measured (`benchmarks/bench_kd_crossover.py`, float32 fwd+bwd, one thread of a
+# busy 2-core CPU, two runs, chunked / naive time): 1.0-1.8 up to 4M elements (per-call overhead, small tensors),
+# 0.9-1.0 at 6.3M (768 × 8192), 0.6-0.95 at 8.2M-8.3M (1016 × 8192: 0.70-0.87), 0.35 at 16M, 0.25-0.28 from 33M.
+CHUNKED_KD_THRESHOLD = 6 << 20
+# From this many elements in the student's logits [B, L, V], `kd_fuse_lm_head=None` fuses its output head with the loss
+# (`hf_distill.fused`) on training steps. Same script (H = 256, online teacher, KD + label term; fused / logits): 0.8-1.2
+# up to 4M (its fixed per-chunk memory then exceeds the logits'), 0.7-1.0 at 6.3M with 0.64× the peak memory,
+# 0.65-0.85 from 8M to 65M, the peak memory ≈ 1× at 8M, 0.34× at 33M, 0.15× at 65M.
+FUSED_LM_HEAD_THRESHOLD = 6 << 20
 
 
 class _DistillationStats:
@@ -256,6 +265,8 @@ class DistillationTrainer(Trainer):
         self._kd_vocab_size = check_output_sizes(
             student, self.teacher_model, shift_labels=self._shift_labels, tokenizer_size=tokenizer_size
         )
+        # The fused lm_head path (`hf_distill.fused`): why it cannot serve this run, and which heads were checked.
+        self._fused_obstacle, self._fused_heads_checked = self._fused_lm_head_obstacle(), {}
         check_dataset(self.train_dataset, "train_dataset", self.label_names, self._needs_online_teacher)
         for eval_dataset in eval_datasets(self.eval_dataset):
             check_dataset(eval_dataset, "eval_dataset", self.label_names, self._needs_online_teacher)
@@ -538,6 +549,14 @@ class DistillationTrainer(Trainer):
             (alpha > 0 or not training) and (training or bool(cached) or self.teacher_model is not None)
         )
         need_label = not generated and labels is not None and (alpha < 1.0 or not training or not use_kd)
+        if self._fuses_lm_head(mask, training and not return_outputs and use_kd):
+            # Without a label term (alpha = 1, or a generated micro-batch) the KD term has weight 1.
+            kd_weight = alpha if need_label else 1.0
+            loss = self._fused_loss(
+                model, inputs, cached, mask, labels if need_label else None, temperature, kd_weight
+            )
+            if loss is not None:  # None: a head the fused path cannot reproduce, found on the first batch
+                return self._share_of_step(loss, mask.sum(), num_items_in_batch)
 
         student_inputs = dict(inputs)
         # The student computes its own label loss only when that loss is used (at alpha = 1 in training it would be a
@@ -594,15 +613,22 @@ class DistillationTrainer(Trainer):
         if matching:  # + Σ weight · match, a mean over the same counted positions
             loss = loss + self._intermediate.weighted_total(match_sums) / count.clamp(min=1)
 
-        if training and num_items_in_batch is not None:
-            # From this micro-batch's mean to its share of the step's mean. The ratio is formed first so it is exactly
-            # 1.0 when the step is one micro-batch on one process. A micro-batch that counts nothing adds exactly 0
-            # (its label mean is NaN), with a gradient of 0 even when no micro-batch of the step counts anything.
-            num_items = torch.as_tensor(num_items_in_batch, device=count.device).clamp(min=1)
-            loss = torch.where(count > 0, loss * (count / num_items), 0.0)
-            if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                loss = loss * self.accelerator.num_processes  # DDP averages the processes' gradients
+        if training:
+            loss = self._share_of_step(loss, count, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _share_of_step(self, loss, count, num_items_in_batch):
+        """A training micro-batch's mean loss over its `count` positions, as its share of the step's mean."""
+        if num_items_in_batch is None:
+            return loss
+        # The ratio is formed first so it is exactly 1.0 when the step is one micro-batch on one process. A micro-batch
+        # that counts nothing adds exactly 0 (its label mean is NaN), with a gradient of 0 even when no micro-batch of
+        # the step counts anything.
+        num_items = torch.as_tensor(num_items_in_batch, device=count.device).clamp(min=1)
+        loss = torch.where(count > 0, loss * (count / num_items), 0.0)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages the processes' gradients
+        return loss
 
     def _capturing(self, model, role: str, matching: bool):
         """The matched layers of `model` (`role`: "student" or "teacher") captured during the block, or nothing."""
@@ -639,6 +665,132 @@ class DistillationTrainer(Trainer):
             jsd_beta=self.args.jsd_beta,
         )
         return losses.masked_sum(per_position, mask)
+
+    # ---- the fused lm_head path (hf_distill.fused) ----
+
+    def _fused_lm_head_obstacle(self) -> str | None:
+        """Why training steps cannot use the fused path, or None; with `kd_fuse_lm_head=True`, raised here."""
+        student = self.accelerator.unwrap_model(self.model)
+        online = self.teacher_cache_metadata is None  # the training batches run the teacher
+        reasons = []
+        if not self._shift_labels:
+            reasons.append(f"the student ({type(student).__name__}) is not a causal LM")
+        if self._intermediate is not None:
+            reasons.append("`intermediate_matches` need the student's and teacher's full forward")
+        if self.compute_loss_func is not None or self.label_smoother is not None:
+            reasons.append("a custom `compute_loss_func` or label smoothing needs the student's logits")
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            reasons.append("DeepSpeed/FSDP gather the head's weight only inside the student's forward")
+        models = [("student", student)] + ([("teacher", self.teacher_model)] if online else [])
+        for role, model in models:
+            if isinstance(model, EnsembleTeacher):
+                reasons.append("an ensemble teacher's combined logits have no single output head")
+                continue
+            head = linear_head(model) if self._shift_labels else None
+            if isinstance(head, str):
+                reasons.append(f"the {role}: {head}")
+            if self._shift_labels and "logits_to_keep" not in (accepted_arguments(model) or ()):
+                reasons.append(f"the {role}'s forward takes no `logits_to_keep` (it would compute the full logits)")
+        obstacle = "; ".join(reasons) or None
+        if obstacle is not None and self.args.kd_fuse_lm_head:
+            raise ValueError(
+                f"`kd_fuse_lm_head=True` cannot apply: {obstacle}. Set kd_fuse_lm_head=None (automatic) or False."
+            )
+        return obstacle
+
+    def _fuses_lm_head(self, mask: torch.Tensor, kd_training_step: bool) -> bool:
+        """Whether this micro-batch's loss takes the fused path: a training step with a KD term, and, in automatic
+        mode, student logits of at least `FUSED_LM_HEAD_THRESHOLD` elements."""
+        setting = self.args.kd_fuse_lm_head
+        if setting is False or not kd_training_step or self._fused_obstacle is not None:
+            return False
+        if False in self._fused_heads_checked.values():
+            return False
+        vocab = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
+        return setting is True or mask.numel() * vocab >= FUSED_LM_HEAD_THRESHOLD
+
+    def _head_checked(self, role: str, model, head, last_hidden, last_logits) -> bool:
+        """On the first batch, whether `head` on `hidden_states[-1]` reproduces the model's own (last) logits."""
+        if role not in self._fused_heads_checked:
+            ok = last_hidden is not None and head_reproduces_logits(head, last_hidden[:, -1:], last_logits)
+            self._fused_heads_checked[role] = ok
+            if not ok:
+                why = (
+                    f"the {role}'s output head applied to its `hidden_states[-1]` does not give its logits "
+                    f"({type(model).__name__} transforms them in a way `hf_distill.fused` does not know)"
+                )
+                if self.args.kd_fuse_lm_head:
+                    raise ValueError(f"`kd_fuse_lm_head=True` cannot apply: {why}. Set kd_fuse_lm_head=None or False.")
+                logger.warning(f"Not using the fused lm_head path: {why}; computing the logits instead.")
+        return self._fused_heads_checked[role]
+
+    def _fused_loss(self, model, inputs, cached, mask, labels, temperature, alpha) -> torch.Tensor | None:
+        """This micro-batch's mean loss (alpha · KD + (1 − alpha) · CE over its counted positions) from the two models'
+        last hidden states and heads, without their logits; records `loss_kd`/`loss_ce` as `compute_loss` does."""
+        student_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        outputs = model(**student_inputs, output_hidden_states=True, logits_to_keep=1)
+        student = self.accelerator.unwrap_model(model)
+        head, hidden = linear_head(student), (outputs.hidden_states or [None])[-1]
+        if not self._head_checked("student", student, head, hidden, outputs.logits):
+            return None
+        count = mask.sum()
+        if cached:  # the counted positions, in order (`align_teacher_signal` checks the same)
+            rows = cached.get(TEACHER_LOGITS, cached.get(TEACHER_TOPK_LOGPROBS)).shape[0]
+            if rows != int(count):
+                raise ValueError(
+                    f"Cached teacher outputs hold {rows} positions for a batch that counts {int(count)}: they were "
+                    "computed with other labels/attention masks or for other rows. Recompute them with "
+                    "`precompute_teacher_logits` on this dataset."
+                )
+            teacher = dict(
+                teacher_logits=cached.get(TEACHER_LOGITS),
+                top_k_ids=cached.get(TEACHER_TOPK_IDS),
+                top_k_logprobs=cached.get(TEACHER_TOPK_LOGPROBS) if TEACHER_TOPK_IDS in cached else None,
+                top_k_tail=cached.get(TEACHER_TOPK_TAIL),
+            )
+        else:
+            if self.teacher_model is None:
+                self._teacher_logits(inputs, temperature)  # raises: no cached outputs and no teacher
+            teacher_hidden, teacher_last_logits = teacher_last_hidden_state(
+                self.teacher_model, inputs, accepted=self._teacher_arguments, autocast=self.accelerator.autocast
+            )
+            teacher_head = linear_head(self.teacher_model)
+            if not self._head_checked(
+                "teacher", self.teacher_model, teacher_head, teacher_hidden, teacher_last_logits
+            ):
+                return None
+            teacher = dict(
+                teacher_hidden=teacher_hidden[:, :-1][mask],
+                teacher_weight=teacher_head.weight,
+                teacher_bias=teacher_head.bias,
+                teacher_logit_scale=teacher_head.logit_scale,
+                teacher_softcap=teacher_head.softcap,
+                vocab_size=self._kd_vocab_size,
+            )
+        result = fused_linear_distillation_loss(
+            hidden[:, :-1][mask],
+            head.weight,
+            head.bias,
+            labels=None if labels is None else labels[:, 1:][mask],
+            kd_weight=alpha,
+            ce_weight=0.0 if labels is None else 1.0 - alpha,
+            temperature=temperature,
+            loss_type=self.args.distillation_loss,
+            jsd_beta=self.args.jsd_beta,
+            student_logit_scale=head.logit_scale,
+            student_softcap=head.softcap,
+            chunk_size=self.args.kd_chunk_size or None,
+            **teacher,
+        )
+        if cached:
+            self._cached_teacher_nonfinite |= result.teacher_nonfinite
+        else:
+            self._teacher_nonfinite |= result.teacher_nonfinite
+        stats = dict(kd_sum=result.kd_sum, kd_count=count)
+        if labels is not None:
+            stats.update(ce_sum=result.ce_sum, ce_count=count)
+        self._train_stats.add(count.device, **stats)
+        return result.loss / count.clamp(min=1)
 
     def _label_loss(self, outputs, student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The student's ordinary loss at T = 1, as a mean over its counted positions."""
