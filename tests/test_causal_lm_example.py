@@ -25,7 +25,7 @@ def test_help_lists_the_example_flags(capsys):
         assert flag in text
 
 
-def test_example_runs_end_to_end_and_reuses_its_teacher(tmp_path):
+def test_example_runs_end_to_end(tmp_path):
     import distill_causal_lm
 
     results = distill_causal_lm.main([*TINY, "--output_dir", str(tmp_path)])
@@ -50,10 +50,5 @@ def test_example_runs_end_to_end_and_reuses_its_teacher(tmp_path):
     assert (tmp_path / "results.md").read_text().count("\n") == 5
     # No file is in two splits (the corpus is split by file).
     files = [path for split in ("train", "validation", "test") for path in saved["files"][split]]
-    assert len(files) == len(set(files)) == 30
+    assert len(files) == len(set(files)) == sum(saved["corpus"]["num_files"].values())
 
-    # Same settings: the saved teacher is reused and scores the same; the baseline is reproduced (same seed).
-    again = distill_causal_lm.main([*TINY, "--output_dir", str(tmp_path)])
-    assert again["teacher_reused"]
-    for before, after in zip(saved["models"][:2], again["models"][:2]):
-        assert after["test_loss"] == pytest.approx(before["test_loss"], rel=1e-5)
