@@ -51,4 +51,3 @@ def test_example_runs_end_to_end(tmp_path):
     # No file is in two splits (the corpus is split by file).
     files = [path for split in ("train", "validation", "test") for path in saved["files"][split]]
     assert len(files) == len(set(files)) == sum(saved["corpus"]["num_files"].values())
-
