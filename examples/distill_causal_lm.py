@@ -48,6 +48,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # the shared example m
 from example_utils import (  # noqa: E402
     Clock,
     fidelity_scores,
+    last_logged,
     load_or_train_teacher,
     markdown_table,
     plot_bars_and_curves,
@@ -355,11 +356,6 @@ def main(argv=None) -> dict:
     print(f"Wall time {results['wall_time_s']:.0f} s; per phase {clock.wall_s}; CPU {clock.cpu_s}.")
     print(f"Wrote {output_dir / 'results.json'}, results.md and results.png.")
     return results
-
-
-def last_logged(trainer, key: str) -> float | None:
-    values = [entry[key] for entry in trainer.state.log_history if key in entry and "eval_loss" not in entry]
-    return values[-1] if values else None
 
 
 def results_table(results: dict) -> str:

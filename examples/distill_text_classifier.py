@@ -54,6 +54,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # the shared example m
 from example_utils import (  # noqa: E402
     Clock,
     fidelity_scores,
+    last_logged,
     load_or_train_teacher,
     markdown_table,
     plot_bars_and_curves,
@@ -203,6 +204,7 @@ def bert_config(tokenizer, example_args, num_layers: int, hidden_size: int, clas
         num_labels=len(classes),
         id2label=dict(enumerate(classes)),
         label2id={name: i for i, name in enumerate(classes)},
+        # BERT's dropout (0.1) is kept: unlike the language models, the classifiers see each snippet several times.
     )
 
 
@@ -277,11 +279,6 @@ def logits_on(model, dataset, batch_size: int) -> torch.Tensor:
 def macro_accuracy(logits, labels, num_classes: int) -> float:
     correct = logits.argmax(-1) == labels
     return float(np.mean([correct[labels == c].float().mean().item() for c in range(num_classes)]))
-
-
-def last_logged(trainer, key: str) -> float | None:
-    values = [entry[key] for entry in trainer.state.log_history if key in entry and "eval_loss" not in entry]
-    return values[-1] if values else None
 
 
 def student_names(example_args) -> list[str]:

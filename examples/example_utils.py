@@ -46,6 +46,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], right_a
     return "\n".join(lines)
 
 
+def last_logged(trainer, key: str) -> float | None:
+    """The last value of a training log key (e.g. `loss_kd`: evidence that a student was trained on its teacher)."""
+    values = [entry[key] for entry in trainer.state.log_history if key in entry and "eval_loss" not in entry]
+    return values[-1] if values else None
+
+
 def write_results(results: dict, output_dir: str | Path, table: str) -> Path:
     """`results.json` and `results.md` (the table) in `output_dir`; returns the JSON's path."""
     output_dir = Path(output_dir)
