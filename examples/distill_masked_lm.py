@@ -26,8 +26,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,8 +47,9 @@ import hf_distill
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
 
 
-if str(Path(__file__).resolve().parent) not in sys.path:  # `text_corpus.py` sits next to this script
+if str(Path(__file__).resolve().parent) not in sys.path:  # the shared example modules sit next to this script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+from example_utils import Clock, load_or_train_teacher, markdown_table, plot_bars_and_curves  # noqa: E402
 from text_corpus import (  # noqa: E402
     SPLITS,
     chunk_into_blocks,
@@ -164,24 +163,6 @@ def learning_curve(log_history) -> list[tuple[int, float, float]]:
     ]
 
 
-class Clock:
-    """Wall and CPU seconds per phase (CPU: all threads of this process; with one thread and a busy machine, the CPU
-    time is close to what the phase takes alone on one core)."""
-
-    def __init__(self):
-        self.wall_s, self.cpu_s, self.start = {}, {}, time.time()
-
-    @contextmanager
-    def __call__(self, phase: str):
-        wall, cpu = time.time(), time.process_time()
-        yield
-        self.wall_s[phase] = round(time.time() - wall, 1)
-        self.cpu_s[phase] = round(time.process_time() - cpu, 1)
-
-    def total(self) -> float:
-        return round(time.time() - self.start, 1)
-
-
 def bert_config(example_args, tokenizer, num_layers: int) -> BertConfig:
     hidden = example_args.hidden_size
     return BertConfig(
@@ -198,25 +179,13 @@ def bert_config(example_args, tokenizer, num_layers: int) -> BertConfig:
     )
 
 
-def train_or_load_teacher(training_args, example_args, data, settings):
-    """Train the teacher with plain `Trainer`, or reuse `<output_dir>/teacher` if saved with the same settings."""
-    teacher_dir = Path(training_args.output_dir) / "teacher"
-    settings_file = teacher_dir / "teacher_settings.json"
-    if not example_args.retrain_teacher and settings_file.exists():
-        saved = json.loads(settings_file.read_text())
-        if saved["settings"] == settings:
-            print(f"Reusing the teacher in {teacher_dir} (same settings).", flush=True)
-            return (
-                AutoModelForMaskedLM.from_pretrained(teacher_dir),
-                saved["learning_curve"],
-                saved["train_time_s"],
-                True,
-            )
+def train_teacher(training_args, example_args, data):
+    """The teacher, trained with plain `Trainer`; returns it and its learning curve."""
     set_seed(training_args.seed)
     teacher = BertForMaskedLM(bert_config(example_args, data["tokenizer"], example_args.teacher_layers))
     args = dataclasses.replace(
         training_args,
-        output_dir=str(teacher_dir),
+        output_dir=str(Path(training_args.output_dir) / "teacher"),
         max_steps=example_args.teacher_steps,
         learning_rate=example_args.teacher_learning_rate,
         push_to_hub=False,
@@ -229,14 +198,8 @@ def train_or_load_teacher(training_args, example_args, data, settings):
         data_collator=MaskTrainingBatches(data["tokenizer"], example_args.mlm_probability, training_args.seed),
         **SCORING,
     )
-    start = time.time()
     trainer.train()
-    train_time = round(time.time() - start, 1)
-    curve = learning_curve(trainer.state.log_history)
-    trainer.save_model()
-    saved = {"settings": settings, "learning_curve": curve, "train_time_s": train_time}
-    settings_file.write_text(json.dumps(saved, indent=2))  # written last: a half-saved teacher is never reused
-    return teacher, curve, train_time, False
+    return trainer.model, learning_curve(trainer.state.log_history)
 
 
 def train_student(variant, training_args, example_args, data, teacher) -> DistillationTrainer:
@@ -266,53 +229,47 @@ def train_student(variant, training_args, example_args, data, teacher) -> Distil
     return trainer
 
 
-def markdown_table(results: dict) -> str:
-    lines = [
-        "| model | layers | parameters | test masked-token accuracy | test masked-token loss | agreement with teacher "
-        "| train time |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+def results_table(results: dict) -> str:
+    header = ["model", "layers", "parameters", "test masked-token accuracy", "test masked-token loss"]
+    header += ["agreement with teacher", "train time"]
+    rows = [
+        [
+            f"{row['name']}: {row['description']}",
+            row["layers"],
+            f"{row['parameters']:,}",
+            f"{row['test_masked_accuracy']:.4f}",
+            f"{row['test_masked_loss']:.4f}",
+            "—" if row["agreement_with_teacher"] is None else f"{row['agreement_with_teacher']:.4f}",
+            f"{row['train_time_s']:.0f} s{' (reused)' if row.get('reused') else ''}",
+        ]
+        for row in results["models"]
     ]
-    for row in results["models"]:
-        agreement = "—" if row["agreement_with_teacher"] is None else f"{row['agreement_with_teacher']:.4f}"
-        lines.append(
-            f"| {row['name']}: {row['description']} | {row['layers']} | {row['parameters']:,} | "
-            f"{row['test_masked_accuracy']:.4f} | {row['test_masked_loss']:.4f} | {agreement} | "
-            f"{row['train_time_s']:.0f} s{' (reused)' if row.get('reused') else ''} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(header, rows)
 
 
 def plot_results(results: dict, path: Path) -> None:
     """Test accuracy and loss per model (bars), and validation accuracy during training (curves)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = results["models"]
-    names = [row["name"] for row in rows]
-    colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(rows)]
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    for axis, key, label in [(axes[0], "test_masked_accuracy", "accuracy"), (axes[1], "test_masked_loss", "loss")]:
-        bars = axis.bar(names, [row[key] for row in rows], color=colors)
-        axis.bar_label(bars, fmt="%.3f", padding=2)
-        axis.set_title(f"Test masked-token {label} ({results['test_masked_tokens']:,} tokens)")
-        axis.margins(y=0.15)
-    for row, color in zip(rows, colors):
-        if row["learning_curve"]:
-            steps, accuracy, _ = zip(*row["learning_curve"])
-            axes[2].plot(steps, accuracy, marker=".", color=color, label=f"{row['name']} ({row['layers']} layers)")
-    axes[2].set_xlabel("optimizer step")
-    axes[2].set_ylabel("validation masked-token accuracy")
-    axes[2].set_title("Learning curves")
-    axes[2].grid(alpha=0.3)
-    axes[2].legend()
+    tokens = f"({results['test_masked_tokens']:,} tokens)"
     title = f"DistilBERT recipe in miniature — {results['corpus']['description']}"
-    title += f" — wall time {results['wall_time_s']:.0f} s"
-    figure.suptitle(title, fontsize="medium")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plot_bars_and_curves(
+        path,
+        f"{title} — wall time {results['wall_time_s']:.0f} s",
+        [row["name"] for row in rows],
+        [
+            (f"Test masked-token accuracy {tokens}", [row["test_masked_accuracy"] for row in rows], "%.3f"),
+            (f"Test masked-token loss {tokens}", [row["test_masked_loss"] for row in rows], "%.3f"),
+        ],
+        [
+            (
+                f"{row['name']} ({row['layers']} layers)",
+                [s for s, _, _ in row["learning_curve"]],
+                [a for _, a, _ in row["learning_curve"]],
+            )
+            for row in rows
+        ],
+        "validation masked-token accuracy",
+    )
 
 
 def main(argv=None) -> dict:
@@ -348,8 +305,13 @@ def main(argv=None) -> dict:
         **{k: str(getattr(training_args, k)) for k in ("lr_scheduler_type", "weight_decay", "optim")},
     }
     with clock("teacher"):
-        teacher, teacher_curve, teacher_time, reused = train_or_load_teacher(
-            training_args, example_args, data, json.loads(json.dumps(teacher_settings))
+        # Reuses `<output_dir>/teacher` if it was saved with the same settings.
+        teacher, teacher_curve, teacher_time, reused = load_or_train_teacher(
+            output_dir / "teacher",
+            teacher_settings,
+            AutoModelForMaskedLM,
+            lambda: train_teacher(training_args, example_args, data),
+            retrain=example_args.retrain_teacher,
         )
     trainers = {}
     for variant in example_args.variants:
@@ -401,7 +363,7 @@ def main(argv=None) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot_results(results, output_dir / "results.png")
-    print(f"\n{markdown_table(results)}\n")
+    print(f"\n{results_table(results)}\n")
     print(f"Wall time {results['wall_time_s']:.0f} s; per phase {clock.wall_s}; CPU {clock.cpu_s}.")
     print(f"Wrote {output_dir / 'results.json'} and {output_dir / 'results.png'}.")
     return results
