@@ -57,6 +57,8 @@ TASKS = {
 }
 CLASSIFICATION_TASKS = ("text-classification", "image-classification")
 DATA_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+# Tokens per row when `--max_length` is not given (the training argument, which also bounds on-policy generation).
+TOKENIZE_MAX_LENGTH = 128
 CLI_METADATA_FILE = "hf_distill_cli.json"  # written next to a precomputed cache: task and label names
 
 
@@ -172,7 +174,6 @@ class DataArguments:
         default="label",
         metadata={"help": "Column with the label (token-classification: one tag per word). Unused for causal-lm."},
     )
-    max_length: int = field(default=128, metadata={"help": "Tokens per row at most (longer rows are truncated)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N evaluation (and test) rows."}
@@ -487,8 +488,11 @@ def check_num_labels(names: list | None, config, model_args: ModelArguments) -> 
         )
 
 
-def tokenize(raw: datasets.DatasetDict, data_args: DataArguments, task: str, processor, names) -> datasets.DatasetDict:
-    """The splits as model inputs: ``input_ids``/``attention_mask`` (images: ``pixel_values``) and ``labels``."""
+def tokenize(
+    raw: datasets.DatasetDict, data_args: DataArguments, task: str, processor, names, max_length: int
+) -> datasets.DatasetDict:
+    """The splits as model inputs: ``input_ids``/``attention_mask`` (images: ``pixel_values``) and ``labels``; rows
+    truncated to `max_length` tokens."""
     to_id = {name: i for i, name in enumerate(names)} if names is not None else None
     text, pair, label = data_args.text_column, data_args.text_pair_column, data_args.label_column
 
@@ -505,9 +509,7 @@ def tokenize(raw: datasets.DatasetDict, data_args: DataArguments, task: str, pro
 
     def encode(batch):
         if task == "token-classification":
-            encoded = processor(
-                batch[text], is_split_into_words=True, truncation=True, max_length=data_args.max_length
-            )
+            encoded = processor(batch[text], is_split_into_words=True, truncation=True, max_length=max_length)
             encoded["labels"] = []
             for row, tags in enumerate(batch[label]):
                 words, previous, row_labels = encoded.word_ids(row), None, []
@@ -517,7 +519,7 @@ def tokenize(raw: datasets.DatasetDict, data_args: DataArguments, task: str, pro
                 encoded["labels"].append(row_labels)
             return encoded
         args = (batch[text],) if pair is None else (batch[text], batch[pair])
-        encoded = processor(*args, truncation=True, max_length=data_args.max_length)
+        encoded = processor(*args, truncation=True, max_length=max_length)
         if task == "text-classification":
             encoded["labels"] = [to_id[v] for v in batch[label]]
         return encoded
@@ -546,8 +548,11 @@ def _select(dataset, limit: int | None):
     return dataset.select(range(min(limit, len(dataset)))) if limit is not None and dataset is not None else dataset
 
 
-def prepare(model_args: ModelArguments, data_args: DataArguments, *, needs_teacher: bool):
-    """Everything checked and loaded before a model: config, task, processor, tokenised splits, label names."""
+def prepare(model_args: ModelArguments, data_args: DataArguments, training_args, *, needs_teacher: bool):
+    """Everything checked and loaded before a model: config, task, processor, tokenised splits, label names.
+
+    Rows are truncated to the training argument `max_length` (also the length limit of on-policy generation; one field,
+    as TRL's configs carry it), `TOKENIZE_MAX_LENGTH` when it is None."""
     check_student_source(model_args)
     if needs_teacher and not model_args.teacher_model_name_or_path:
         raise BadInputError(
@@ -557,6 +562,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, *, needs_teach
     config = student_config(model_args)
     task = infer_task(model_args, config)
     cache_info = None
+    max_length = training_args.max_length if training_args.max_length is not None else TOKENIZE_MAX_LENGTH
     if data_args.train_dataset_path is not None:
         info_path = os.path.join(data_args.train_dataset_path, CLI_METADATA_FILE)
         if not os.path.isfile(info_path):
@@ -594,7 +600,9 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, *, needs_teach
     check_num_labels(names, config, model_args)
     processor = load_processor(model_args, task)
     check_teacher_tokenizers(model_args, processor, task)
-    tokenized = tokenize(raw, data_args, task, processor, names) if raw is not None else datasets.DatasetDict()
+    tokenized = (
+        tokenize(raw, data_args, task, processor, names, max_length) if raw is not None else datasets.DatasetDict()
+    )
     if cache_info is not None:
         tokenized["train"] = datasets.load_from_disk(data_args.train_dataset_path)
     tokenized["train"] = _select(tokenized["train"], data_args.max_train_samples)
@@ -610,7 +618,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, *, needs_teach
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args) -> DistillationTrainer:
     """Check the input, load the data, the student and the teacher(s), and build the `DistillationTrainer`."""
     cached = data_args.train_dataset_path is not None
-    config, task, processor, tokenized, names = prepare(model_args, data_args, needs_teacher=not cached)
+    config, task, processor, tokenized, names = prepare(model_args, data_args, training_args, needs_teacher=not cached)
     teachers = model_args.teacher_model_name_or_path
     teacher = None
     if model_args.student_init_from_teacher_layers is not None:
@@ -704,7 +712,7 @@ def run_precompute(model_args, data_args, precompute_args, training_args) -> dat
     no_student = (model_args.student_model_name_or_path, model_args.student_config) == (None, None)
     if no_student and model_args.student_init_from_teacher_layers is None and model_args.teacher_model_name_or_path:
         model_args.student_config = model_args.teacher_model_name_or_path[0]  # tokenise and infer the task as for it
-    config, task, processor, tokenized, names = prepare(model_args, data_args, needs_teacher=True)
+    config, task, processor, tokenized, names = prepare(model_args, data_args, training_args, needs_teacher=True)
     teachers = model_args.teacher_model_name_or_path
     cached = precompute_teacher_logits(
         teachers if len(teachers) > 1 else teachers[0],

@@ -63,8 +63,10 @@ def collator_only_batches_columns(collator) -> bool:
 
 def check_labels_available(dataset, args, label_names, data_collator=default_data_collator) -> None:
     """With a label loss weight (alpha < 1 at any point of a schedule), the training set must have labels (unless
-    the collator may make them)."""
+    the collator may make them, or every micro-batch's completions are generated: lmbda = 1, or seq_kd)."""
     needs_labels = args.alpha < 1.0 or (args.alpha_end is not None and args.alpha_end < 1.0)
+    if getattr(args, "lmbda", 0.0) >= 1.0 or getattr(args, "seq_kd", False):
+        return  # prompt-only rows: the student's (or the teacher's) completions are the labels
     if not needs_labels or dataset is None or not collator_only_batches_columns(data_collator):
         return
     label_columns = label_columns_of(label_names)
