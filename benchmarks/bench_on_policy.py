@@ -17,8 +17,11 @@ default ``beta=1`` (reverse KL at T = 1) against hf-distill ``distillation_loss=
 both are the mean per completion token of KL(student ‖ teacher).
 
 Timing: each trainer run is a fresh subprocess, alternating TRL, hf-distill, hf-distill, TRL, … for ``--rounds``; time
-per optimizer step from ``on_step_begin`` to ``on_step_end`` (generation included: both generate inside the step),
-median after ``--warmup_steps``, then median over rounds; process CPU time per step; peak RSS (``ru_maxrss``) per run.
+per optimizer step from the start of Trainer's ``get_batch_samples`` to ``on_step_end``, median after
+``--warmup_steps``, then median over rounds; process CPU time per step; peak RSS (``ru_maxrss``) per run. Not from
+``on_step_begin``: hf-distill generates in ``get_batch_samples``, which Trainer calls *before* ``on_step_begin``, TRL in
+``training_step`` after it, so ``on_step_begin`` → ``on_step_end`` (also recorded) would leave hf-distill's generation
+out.
 Where the time goes, in every run: wall time inside the student's ``generate``, inside the teacher's backbone forward
 (``teacher.transformer``; TRL projects the teacher's hidden states inside its loss kernel, hf-distill runs the whole
 teacher), inside the student's training forward (``student.transformer`` with grad enabled), and the rest of the step
@@ -92,20 +95,21 @@ def build_models_and_prompts(setup: Setup):
 
 
 class PieceTimer:
-    """Wall seconds per optimizer step inside the student's `generate`, the teacher's backbone forward and the
-    student's training forward (with grad), via a `generate` wrapper and forward hooks on `.transformer`."""
+    """Wall and process-CPU seconds per optimizer step inside the student's `generate`, the teacher's backbone forward
+    and the student's training forward (with grad), via a `generate` wrapper and forward hooks on `.transformer`."""
 
     def __init__(self, teacher, student):
-        self.current = dict.fromkeys(PIECES[:-1], 0.0)
         self.steps: list[dict] = []
+        self.cpu_steps: list[dict] = []
         self.generated_tokens: list[int] = []
-        self._generated = 0
+        self.begin()
         original_generate = student.generate
 
         def timed_generate(*args, **kwargs):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             output = original_generate(*args, **kwargs)
             self.current["generate"] += time.perf_counter() - start
+            self.current_cpu["generate"] += time.process_time() - cpu_start
             prompt = kwargs.get("input_ids", args[0] if args else None)
             sequences = output if hasattr(output, "shape") else output.sequences
             self._generated += sequences.numel() - (prompt.numel() if prompt is not None else 0)
@@ -113,31 +117,59 @@ class PieceTimer:
 
         student.generate = timed_generate
         self._hook(teacher.transformer, "teacher_forward", lambda: True)
-        self._hook(student.transformer, "student_forward", lambda: __import__("torch").is_grad_enabled())
+        self._hook(student.transformer, "student_forward", torch_grad_enabled)
 
     def _hook(self, module, piece, condition):
         starts = []
 
-        def pre(_module, _args, _kwargs=None):
-            starts.append(time.perf_counter())
+        def pre(_module, _args):
+            starts.append((time.perf_counter(), time.process_time()))
 
         def post(_module, _args, _output):
-            start = starts.pop()
+            start, cpu_start = starts.pop()
             if condition():
                 self.current[piece] += time.perf_counter() - start
+                self.current_cpu[piece] += time.process_time() - cpu_start
 
         module.register_forward_pre_hook(pre)
         module.register_forward_hook(post)
 
     def begin(self):
         self.current = dict.fromkeys(PIECES[:-1], 0.0)
+        self.current_cpu = dict.fromkeys(PIECES[:-1], 0.0)
         self._generated = 0
 
-    def end(self, step_seconds: float):
-        pieces = dict(self.current)
-        pieces["rest"] = step_seconds - sum(pieces.values())
-        self.steps.append(pieces)
+    def end(self, step_seconds: float, step_cpu_seconds: float):
+        for pieces, total, steps in (
+            (self.current, step_seconds, self.steps),
+            (self.current_cpu, step_cpu_seconds, self.cpu_steps),
+        ):
+            pieces = dict(pieces)
+            pieces["rest"] = total - sum(pieces.values())
+            steps.append(pieces)
         self.generated_tokens.append(self._generated)
+
+
+def torch_grad_enabled() -> bool:
+    import torch
+
+    return torch.is_grad_enabled()
+
+
+class _Recording:
+    """Records each micro-batch's loss, and starts the step clock when the step's micro-batches are fetched."""
+
+    step_timer = None
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.step_timer is not None:
+            self.step_timer.begin()
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.recorded_losses.append((loss[0] if return_outputs else loss).item())
+        return loss
 
 
 def build_trainer(name: str, setup: Setup, teacher, student, prompts, output_dir: str, callbacks):
@@ -164,11 +196,8 @@ def build_trainer(name: str, setup: Setup, teacher, student, prompts, output_dir
     if name == "trl":
         from trl import DistillationConfig, DistillationTrainer
 
-        class RecordingTRLTrainer(DistillationTrainer):
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-                self.recorded_losses.append((loss[0] if return_outputs else loss).item())
-                return loss
+        class RecordingTRLTrainer(_Recording, DistillationTrainer):
+            pass
 
         args = DistillationConfig(
             **common,
@@ -195,11 +224,8 @@ def build_trainer(name: str, setup: Setup, teacher, student, prompts, output_dir
 
         from hf_distill import DistillationTrainer, DistillationTrainingArguments
 
-        class RecordingDistillationTrainer(DistillationTrainer):
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-                self.recorded_losses.append((loss[0] if return_outputs else loss).item())
-                return loss
+        class RecordingDistillationTrainer(_Recording, DistillationTrainer):
+            pass
 
         args = DistillationTrainingArguments(
             **common,
@@ -241,21 +267,29 @@ def run_one(name: str, setup: Setup) -> dict:
     pieces = PieceTimer(teacher, student)
 
     class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.seconds, self.cpu_seconds = [], []
+        """A step starts when Trainer fetches its micro-batches (`get_batch_samples`, where hf-distill generates;
+        `begin` is called from there) and ends at `on_step_end`. `on_step_begin` → `on_step_end` is kept too."""
 
-        def on_step_begin(self, args, state, control, **kwargs):
+        def __init__(self):
+            self.seconds, self.cpu_seconds, self.callback_seconds = [], [], []
+
+        def begin(self):
             pieces.begin()
             self._start, self._cpu_start = time.perf_counter(), time.process_time()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._callback_start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self._start)
             self.cpu_seconds.append(time.process_time() - self._cpu_start)
-            pieces.end(self.seconds[-1])
+            self.callback_seconds.append(time.perf_counter() - self._callback_start)
+            pieces.end(self.seconds[-1], self.cpu_seconds[-1])
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_trainer(name, setup, teacher, student, prompts, output_dir, [timer])
+        trainer.step_timer = timer
         checkpointing = bool(getattr(trainer.model, "is_gradient_checkpointing", False))
         rss_before_train = max_rss_bytes()
         trainer.train()
@@ -266,11 +300,16 @@ def run_one(name: str, setup: Setup) -> dict:
         "median_step_seconds": statistics.median(timer.seconds[counted]),
         "step_seconds": timer.seconds,
         "median_step_cpu_seconds": statistics.median(timer.cpu_seconds[counted]),
+        "median_on_step_begin_to_end_seconds": statistics.median(timer.callback_seconds[counted]),
         "step_cpu_seconds": timer.cpu_seconds,
         "median_piece_seconds": {
             piece: statistics.median(step[piece] for step in pieces.steps[counted]) for piece in PIECES
         },
+        "median_piece_cpu_seconds": {
+            piece: statistics.median(step[piece] for step in pieces.cpu_steps[counted]) for piece in PIECES
+        },
         "piece_seconds": pieces.steps,
+        "piece_cpu_seconds": pieces.cpu_steps,
         "generated_tokens_per_step": pieces.generated_tokens,
         "peak_rss_bytes": max_rss_bytes(),
         "train_peak_rss_delta_bytes": max_rss_bytes() - rss_before_train,

@@ -302,6 +302,18 @@ class DistillationTrainer(Trainer):
         self.add_callback(IntermediateMatchesCallback(matcher))
         return matcher
 
+    @property
+    def _completion_logits_only(self) -> bool:
+        """Whether the student's generated micro-batches can ask both models for the completion's logits alone
+        (`on_policy.completion_logits_only`): both take `logits_to_keep`, and no intermediate match reads positions."""
+        return (
+            self._intermediate is None
+            and self._student_arguments is not None
+            and "logits_to_keep" in self._student_arguments
+            and self._teacher_arguments is not None
+            and "logits_to_keep" in self._teacher_arguments
+        )
+
     def _generation_settings(self, student: nn.Module) -> _GenerationSettings:
         """Checks that this run can generate (`lmbda`, `seq_kd`, `eval_on_policy`) and resolves the token ids, the
         prompt budget and the `generate` settings."""
@@ -514,6 +526,8 @@ class DistillationTrainer(Trainer):
             for key, value in inputs.items()
             if key not in TEACHER_COLUMNS and key != on_policy.GENERATED_KEY
         }
+        if generated and self._completion_logits_only:  # logits on the completion only (the prompt counts nothing)
+            inputs = on_policy.completion_logits_only(inputs)
         mask = self._counted_positions(inputs)
         labels = inputs.get("labels")
         training = model.training
