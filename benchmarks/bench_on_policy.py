@@ -71,6 +71,7 @@ class Setup:
     student_layers: int = 2
     student_width: int = 128
     seed: int = 0
+    num_threads: int = 0  # torch.set_num_threads in each run; 0: torch's default (all cores)
 
     @property
     def generation_kwargs(self) -> dict:
@@ -262,6 +263,8 @@ def run_one(name: str, setup: Setup) -> dict:
     import torch
     from transformers import TrainerCallback
 
+    if setup.num_threads > 0:
+        torch.set_num_threads(setup.num_threads)
     rss_start = max_rss_bytes()
     teacher, student, prompts = build_models_and_prompts(setup)
     pieces = PieceTimer(teacher, student)
@@ -290,7 +293,7 @@ def run_one(name: str, setup: Setup) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_trainer(name, setup, teacher, student, prompts, output_dir, [timer])
         trainer.step_timer = timer
-        checkpointing = bool(getattr(trainer.model, "is_gradient_checkpointing", False))
+        checkpointing = bool(getattr(trainer.model, "is_activation_checkpointing", False))
         rss_before_train = max_rss_bytes()
         trainer.train()
     counted = slice(setup.warmup_steps, None)

@@ -189,6 +189,7 @@ def train_or_load_teacher(training_args, example_args, data, settings):
         disable_tqdm=True,
         seed=training_args.seed,
         use_cpu=training_args.use_cpu,
+        dataloader_pin_memory=training_args.dataloader_pin_memory,
     )
     blocks = data["train_blocks"].map(lambda row: {"labels": row["input_ids"]})
     trainer = Trainer(model=teacher, args=args, train_dataset=blocks, data_collator=default_data_collator)
