@@ -298,7 +298,13 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int) -> float:
     return math.exp(total / count)
 
 
-def score(models: dict, teacher, data, example_args, batch_size: int, seed: int) -> dict:
+def distinct_fraction(samples: torch.Tensor, mask: torch.Tensor) -> float:
+    """The mean over samples of (distinct tokens / tokens), counting each sample's tokens up to its EOS."""
+    fractions = [len(set(row[m.bool()].tolist())) / max(int(m.sum()), 1) for row, m in zip(samples, mask)]
+    return sum(fractions) / len(fractions)
+
+
+def score(models: dict, teacher, tokenizer, data, example_args, batch_size: int, seed: int) -> dict:
     """Per split (validation, test): each model's samples scored by the teacher, and each model's perplexity."""
     scores = {}
     for split in ("validation", "test"):
@@ -306,11 +312,11 @@ def score(models: dict, teacher, data, example_args, batch_size: int, seed: int)
         prompts = blocks[: example_args.eval_prompts, : example_args.prompt_length]
         real = blocks[: example_args.eval_prompts, example_args.prompt_length :]
         eos = teacher.config.eos_token_id
+        full = torch.ones_like(real, dtype=torch.float)
         split_scores = {
             "real completions": {
-                "teacher_nll_of_samples": teacher_nll(
-                    teacher, prompts, real, torch.ones_like(real, dtype=torch.float), batch_size
-                )
+                "teacher_nll_of_samples": teacher_nll(teacher, prompts, real, full, batch_size),
+                "distinct_token_fraction": distinct_fraction(real, full),
             }
         }
         for name, model in models.items():
@@ -319,25 +325,37 @@ def score(models: dict, teacher, data, example_args, batch_size: int, seed: int)
             split_scores[name] = {
                 "teacher_nll_of_samples": teacher_nll(teacher, prompts, samples, mask, batch_size),
                 "sampled_tokens": int(mask.sum()),
+                # Mode collapse check: the mean fraction of distinct tokens in a sample (repetition lowers it).
+                "distinct_token_fraction": distinct_fraction(samples, mask),
                 "perplexity": perplexity(model, blocks[: example_args.max_eval_blocks], batch_size),
             }
+            if split == "test":
+                split_scores[name]["examples"] = [
+                    {
+                        "prompt": tokenizer.decode(prompts[i]),
+                        "completion": tokenizer.decode(samples[i][mask[i].bool()]),
+                    }
+                    for i in range(min(3, len(prompts)))
+                ]
         scores[split] = split_scores
     return scores
 
 
 def markdown_table(results: dict) -> str:
     lines = [
-        "| model | layers | teacher NLL of its samples, test (nats/token) | validation | test perplexity | "
-        "train time |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | layers | teacher NLL of the model's samples, test (nats/token) | same, validation | distinct tokens per "
+        "sample, test | test perplexity | train time |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in results["models"]:
         test, validation = results["scores"]["test"][row["name"]], results["scores"]["validation"][row["name"]]
         ppl = f"{test['perplexity']:.2f}" if "perplexity" in test else "—"
         time_s = "—" if row.get("train_time_s") is None else f"{row['train_time_s']:.0f} s"
+        time_s += " (reused)" if row.get("reused") else ""
         lines.append(
             f"| {row['name']}: {row['description']} | {row.get('layers', '—')} | "
-            f"{test['teacher_nll_of_samples']:.3f} | {validation['teacher_nll_of_samples']:.3f} | {ppl} | {time_s} |"
+            f"{test['teacher_nll_of_samples']:.3f} | {validation['teacher_nll_of_samples']:.3f} | "
+            f"{test['distinct_token_fraction']:.2f} | {ppl} | {time_s} |"
         )
     return "\n".join(lines)
 
@@ -430,7 +448,7 @@ def main(argv=None) -> dict:
     with clock("evaluation"):
         models = {"teacher": teacher, "untrained student": new_student(example_args, tokenizer, training_args.seed)}
         models |= {name: trainer.model for name, trainer in trainers.items()}
-        scores = score(models, teacher, data, example_args, batch_size, seed=training_args.seed + 1)
+        scores = score(models, teacher, tokenizer, data, example_args, batch_size, seed=training_args.seed + 1)
 
     rows = [
         {
