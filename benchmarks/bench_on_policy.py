@@ -103,10 +103,17 @@ class PieceTimer:
         self.steps: list[dict] = []
         self.cpu_steps: list[dict] = []
         self.generated_tokens: list[int] = []
+        self.generate_call = None
         self.begin()
         original_generate = student.generate
 
         def timed_generate(*args, **kwargs):
+            if self.generate_call is None:  # what each trainer asks `generate` for, recorded once
+                config = kwargs.get("generation_config")
+                self.generate_call = {
+                    "kwargs": {k: repr(v) for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")},
+                    "generation_config": config.to_diff_dict() if config is not None else None,
+                }
             start, cpu_start = time.perf_counter(), time.process_time()
             output = original_generate(*args, **kwargs)
             self.current["generate"] += time.perf_counter() - start
@@ -314,6 +321,7 @@ def run_one(name: str, setup: Setup) -> dict:
         "piece_seconds": pieces.steps,
         "piece_cpu_seconds": pieces.cpu_steps,
         "generated_tokens_per_step": pieces.generated_tokens,
+        "generate_call": pieces.generate_call,
         "peak_rss_bytes": max_rss_bytes(),
         "train_peak_rss_delta_bytes": max_rss_bytes() - rss_before_train,
         "rss_at_start_bytes": rss_start,
