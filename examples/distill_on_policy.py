@@ -25,6 +25,7 @@ with the same settings; `--retrain_teacher` ignores it), `student_off_policy/`, 
 `results.png`; a markdown table is printed.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -91,7 +92,16 @@ class ExampleArguments:
     sample_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (training and scoring)."})
     students: str = field(default="off_policy,on_policy", metadata={"help": "Comma-separated students to train."})
     num_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: all cores)."})
-    retrain_teacher: bool = field(default=False, metadata={"help": "Ignore a saved teacher with the same settings."})
+    student_init_steps: int = field(
+        default=200,
+        metadata={
+            "help": "Plain LM steps (teacher_learning_rate) that give both students their common starting point; 0: "
+            "random weights."
+        },
+    )
+    retrain_teacher: bool = field(
+        default=False, metadata={"help": "Ignore a saved teacher (and initial student) with the same settings."}
+    )
 
 
 def parse_arguments(argv=None) -> tuple[DistillationTrainingArguments, ExampleArguments]:
@@ -164,26 +174,28 @@ def prompt_completion_rows(blocks, prompt_length: int):
     return blocks.map(add_labels)
 
 
-def train_or_load_teacher(training_args, example_args, data, settings):
-    """Train the teacher with plain `Trainer` (causal-LM loss on whole blocks), or reuse a saved one."""
-    teacher_dir = Path(training_args.output_dir) / "teacher"
-    settings_file = teacher_dir / "teacher_settings.json"
+def train_or_load_lm(name, num_layers, steps, learning_rate, training_args, example_args, data, settings):
+    """A GPT-2 with `num_layers` trained from scratch with plain `Trainer` (causal-LM loss on whole blocks, AdamW,
+    cosine), saved in `<output_dir>/<name>`, or the one saved there with the same settings. Returns the model (eval
+    mode), its training time and whether it was reused."""
+    directory = Path(training_args.output_dir) / name
+    settings_file = directory / "lm_settings.json"
     if not example_args.retrain_teacher and settings_file.exists():
         saved = json.loads(settings_file.read_text())
         if saved["settings"] == settings:
-            print(f"Reusing the teacher in {teacher_dir} (same settings).", flush=True)
-            return AutoModelForCausalLM.from_pretrained(teacher_dir).eval(), saved["train_time_s"], True
+            print(f"Reusing the {name} in {directory} (same settings).", flush=True)
+            return AutoModelForCausalLM.from_pretrained(directory).eval(), saved["train_time_s"], True
     set_seed(training_args.seed)
-    teacher = GPT2LMHeadModel(gpt2_config(example_args, data["tokenizer"], example_args.teacher_layers))
+    model = GPT2LMHeadModel(gpt2_config(example_args, data["tokenizer"], num_layers))
     args = transformers.TrainingArguments(
-        output_dir=str(teacher_dir),
-        max_steps=example_args.teacher_steps,
-        learning_rate=example_args.teacher_learning_rate,
+        output_dir=str(directory),
+        max_steps=steps,
+        learning_rate=learning_rate,
         per_device_train_batch_size=example_args.teacher_batch_size,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
         weight_decay=0.01,
-        logging_steps=max(1, example_args.teacher_steps // 10),
+        logging_steps=max(1, steps // 10),
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
@@ -192,13 +204,13 @@ def train_or_load_teacher(training_args, example_args, data, settings):
         dataloader_pin_memory=training_args.dataloader_pin_memory,
     )
     blocks = data["train_blocks"].map(lambda row: {"labels": row["input_ids"]})
-    trainer = Trainer(model=teacher, args=args, train_dataset=blocks, data_collator=default_data_collator)
+    trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator)
     start = time.time()
     trainer.train()
     train_time = round(time.time() - start, 1)
     trainer.save_model()
     settings_file.write_text(json.dumps({"settings": settings, "train_time_s": train_time}, indent=2))
-    return teacher.eval(), train_time, False
+    return model.eval(), train_time, False
 
 
 def student_overrides(name: str, example_args) -> dict:
@@ -217,13 +229,18 @@ def student_overrides(name: str, example_args) -> dict:
     }
 
 
+def student_layers(example_args) -> int:
+    return max(1, example_args.teacher_layers // 2)
+
+
 def new_student(example_args, tokenizer, seed: int) -> GPT2LMHeadModel:
-    set_seed(seed)  # both students (and the untrained reference) start from the same weights
-    return GPT2LMHeadModel(gpt2_config(example_args, tokenizer, max(1, example_args.teacher_layers // 2)))
+    set_seed(seed)
+    return GPT2LMHeadModel(gpt2_config(example_args, tokenizer, student_layers(example_args)))
 
 
-def train_student(name, training_args, example_args, data, teacher) -> DistillationTrainer:
-    student = new_student(example_args, data["tokenizer"], training_args.seed)
+def train_student(name, training_args, example_args, data, teacher, initial_student) -> DistillationTrainer:
+    student = copy.deepcopy(initial_student).train()  # both students start from the same weights
+    student.requires_grad_(True)
     overrides = student_overrides(name, example_args)
     overrides["output_dir"] = str(Path(training_args.output_dir) / f"student_{name}")
     set_seed(training_args.seed)
@@ -434,19 +451,47 @@ def main(argv=None) -> dict:
         "seed": training_args.seed,
     }
     with clock("teacher"):
-        teacher, teacher_time, reused = train_or_load_teacher(
-            training_args, example_args, data, json.loads(json.dumps(teacher_settings))
+        teacher, teacher_time, reused = train_or_load_lm(
+            "teacher",
+            example_args.teacher_layers,
+            example_args.teacher_steps,
+            example_args.teacher_learning_rate,
+            training_args,
+            example_args,
+            data,
+            json.loads(json.dumps(teacher_settings)),
         )
     teacher.requires_grad_(False)
+    # The students' common starting point: random weights, or (as in the GKD paper, whose students are supervised
+    # fine-tuned first) a student trained with the plain LM loss for `student_init_steps`.
+    initial_student, init_time, init_reused = new_student(example_args, tokenizer, training_args.seed), 0.0, False
+    if example_args.student_init_steps > 0:
+        init_settings = teacher_settings | {
+            "config": gpt2_config(example_args, tokenizer, student_layers(example_args)).to_diff_dict(),
+            "steps": example_args.student_init_steps,
+        }
+        with clock("initial_student"):
+            initial_student, init_time, init_reused = train_or_load_lm(
+                "student_init",
+                student_layers(example_args),
+                example_args.student_init_steps,
+                example_args.teacher_learning_rate,
+                training_args,
+                example_args,
+                data,
+                json.loads(json.dumps(init_settings)),
+            )
 
     trainers = {}
     for name in example_args.students.split(","):
         with clock(f"student_{name}"):
-            trainers[name] = train_student(name, training_args, example_args, data, teacher)
+            trainers[name] = train_student(name, training_args, example_args, data, teacher, initial_student)
         print(f"Student ({name}) trained in {clock.wall_s[f'student_{name}']:.0f} s.", flush=True)
 
     with clock("evaluation"):
         models = {"teacher": teacher, "untrained student": new_student(example_args, tokenizer, training_args.seed)}
+        if example_args.student_init_steps > 0:
+            models["initial student"] = initial_student
         models |= {name: trainer.model for name, trainer in trainers.items()}
         scores = score(models, teacher, tokenizer, data, example_args, batch_size, seed=training_args.seed + 1)
 
@@ -461,10 +506,20 @@ def main(argv=None) -> dict:
         },
         {
             "name": "untrained student",
-            "description": "the students' initial weights",
+            "description": "random weights" + ("" if example_args.student_init_steps else ", the students' start"),
             "layers": models["untrained student"].config.n_layer,
         },
     ]
+    if example_args.student_init_steps > 0:
+        rows.append(
+            {
+                "name": "initial student",
+                "description": f"{example_args.student_init_steps} LM steps, the students' start",
+                "layers": initial_student.config.n_layer,
+                "train_time_s": init_time,
+                "reused": init_reused,
+            }
+        )
     for name, trainer in trainers.items():
         logs = trainer.state.log_history
         on_policy_logs = [e for e in logs if "on_policy_fraction" in e]

@@ -16,6 +16,7 @@ TINY = [
     "--teacher_steps=10",
     "--teacher_batch_size=8",
     "--max_train_blocks=256",
+    "--student_init_steps=4",
     "--max_steps=3",
     "--per_device_train_batch_size=4",
     "--per_device_eval_batch_size=16",
@@ -31,12 +32,15 @@ def test_example_trains_and_scores_both_students(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["scores"] == json.loads(json.dumps(results["scores"]))
     assert (tmp_path / "results.png").stat().st_size > 0
-    assert (tmp_path / "teacher" / "teacher_settings.json").exists()
+    assert (tmp_path / "teacher" / "lm_settings.json").exists()
+    assert (tmp_path / "student_init" / "lm_settings.json").exists()
 
     rows = {row["name"]: row for row in saved["models"]}
-    assert {"teacher", "untrained student", "off_policy", "on_policy", "real completions"} <= set(rows)
+    assert {"teacher", "untrained student", "initial student", "off_policy", "on_policy", "real completions"} <= set(
+        rows
+    )
     for split in ("validation", "test"):
-        for name in ("teacher", "untrained student", "off_policy", "on_policy"):
+        for name in ("teacher", "untrained student", "initial student", "off_policy", "on_policy"):
             scores = saved["scores"][split][name]
             assert math.isfinite(scores["teacher_nll_of_samples"]) and scores["teacher_nll_of_samples"] > 0
             assert math.isfinite(scores["perplexity"]) and scores["perplexity"] > 1
@@ -51,9 +55,8 @@ def test_example_trains_and_scores_both_students(tmp_path):
     assert all(math.isfinite(loss) for _, loss in on["loss_curve"] + off["loss_curve"])
     assert saved["verdict"] is not None and math.isfinite(saved["verdict"]["teacher_nll_gap_off_minus_on"])
 
-    # A second run reuses the saved teacher.
+    # A second run reuses the saved teacher and initial student.
     again = distill_on_policy.main([f"--output_dir={tmp_path}", *TINY, "--students=on_policy"])
-    assert again["teacher_reused"] and [row["name"] for row in again["models"]][2:] == [
-        "on_policy",
-        "real completions",
-    ]
+    names = [row["name"] for row in again["models"]]
+    assert again["teacher_reused"] and names[3:] == ["on_policy", "real completions"]
+    assert next(row for row in again["models"] if row["name"] == "initial student")["reused"]
