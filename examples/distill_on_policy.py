@@ -389,7 +389,7 @@ def plot_results(results: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     bars = axes[0].bar(names, [test[n]["teacher_nll_of_samples"] for n in names], color="#4c72b0")
     axes[0].bar_label(bars, fmt="%.2f", padding=2)
-    axes[0].set_title("Teacher NLL of each model's samples (test prompts; lower = closer to the teacher)")
+    axes[0].set_title("Teacher's NLL of each model's samples, test (lower: closer)")
     axes[0].tick_params(axis="x", rotation=20)
     with_ppl = [n for n in names if "perplexity" in test[n]]
     bars = axes[1].bar(with_ppl, [test[n]["perplexity"] for n in with_ppl], color="#dd8452")
