@@ -49,7 +49,7 @@ def _without_timing(metrics: dict[str, Any]) -> dict[str, Any]:
 def _silent_copy_of_args(args, output_dir: str):
     """`trainer.args` for a side evaluation: same batch size, precision, collation and seeds; no logging, reporting,
     saving or pushing, so it leaves no trace in the trainer's state, callbacks or `output_dir`; no intermediate
-    matches, so its `loss` is the logit objective alone."""
+    matches, so its `loss` is the logit objective alone; no generated training batches."""
     return dataclasses.replace(
         args,
         output_dir=output_dir,
@@ -62,6 +62,9 @@ def _silent_copy_of_args(args, output_dir: str):
         disable_tqdm=True,
         # The models' logits are compared; their layers are not (the teacher's own projections would be new ones).
         intermediate_matches=None,
+        # It never trains: no training micro-batch is generated (evaluation follows `eval_on_policy`, as the run's).
+        lmbda=0.0,
+        seq_kd=False,
     )
 
 

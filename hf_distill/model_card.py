@@ -287,6 +287,8 @@ def _loss_settings(args, teacher: nn.Module | None, cache_metadata: Mapping[str,
         if getattr(args, f"{name}_schedule") != "constant":
             settings[f"{name}_schedule"] = getattr(args, f"{name}_schedule")
             settings[f"{name}_end"] = getattr(args, f"{name}_end")
+    if getattr(args, "lmbda", 0.0) > 0 or getattr(args, "seq_kd", False):  # generated completions (docs/on_policy.md)
+        settings.update(lmbda=args.lmbda, seq_kd=args.seq_kd, max_new_tokens=args.max_new_tokens)
     if isinstance(teacher, EnsembleTeacher) or len((cache_metadata or {}).get("teachers", [])) > 1:
         settings["ensemble_reduction"] = args.ensemble_reduction
     if cache_metadata and cache_metadata.get("top_k"):
@@ -558,6 +560,7 @@ def _loss_table(data: DistillationCardData) -> str:
         "alpha": f"{settings['alpha']} (label loss weight {round(1 - settings['alpha'], 6)})",
     }
     rows.update({_OPTION_LABELS.get(name, name): settings[name] for name in DIVERGENCE_OPTIONS if name in settings})
+    rows.update({name: settings[name] for name in ("lmbda", "seq_kd", "max_new_tokens") if name in settings})
     return make_markdown_table([{"Setting": key, "Value": value} for key, value in rows.items()])
 
 

@@ -94,16 +94,16 @@ def left_padded_prompts(
     if max_prompt_length is not None:
         mask = mask & rank_from_end.lt(max_prompt_length)
         lengths = lengths.clamp(max=max_prompt_length)
-    empty = lengths.eq(0)
     width = max(int(lengths.max()), 1)  # the one host sync: `generate` needs the shape
+    # Each prompt token goes to column `width - 1 - rank_from_end`; every other token to a spare last column, dropped.
+    destination = torch.where(mask, width - 1 - rank_from_end, width)
     batch = input_ids.shape[0]
-    ids = torch.full((batch, width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
-    attention = torch.zeros((batch, width), dtype=torch.long, device=input_ids.device)
-    rows, columns = mask.nonzero(as_tuple=True)
-    destination = width - 1 - rank_from_end[rows, columns]
-    ids[rows, destination] = input_ids[rows, columns]
-    attention[rows, destination] = 1
-    attention[:, -1] |= empty.long()  # an empty prompt: one attended pad token
+    ids = torch.full((batch, width + 1), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    attention = torch.zeros((batch, width + 1), dtype=torch.long, device=input_ids.device)
+    ids.scatter_(1, destination, input_ids)
+    attention.scatter_(1, destination, mask.long())
+    ids, attention = ids[:, :width], attention[:, :width]
+    attention[:, -1] |= lengths.eq(0).long()  # an empty prompt: one attended pad token
     return ids, attention
 
 
@@ -174,17 +174,19 @@ def completion_logits_only(batch: Mapping[str, Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def forked_global_rng(seed: int, device: torch.device):
-    """The global RNGs (CPU, and `device`'s when it is an accelerator) seeded with `seed` inside the block and restored
-    after it, so sampling inside neither disturbs nor depends on the run's dropout / data RNG."""
-    accelerator = device.type not in ("cpu", "meta")
-    devices = [device.index if device.index is not None else 0] if accelerator and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerator else "cuda"):
-        torch.random.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            torch.cuda.manual_seed(seed)  # the current device only (the one forked)
-        elif accelerator:
-            torch.manual_seed(seed)
-        yield
+    """The global RNGs seeded with `seed` inside the block and restored after it, so sampling inside neither disturbs
+    nor depends on the run's dropout / data RNG: the CPU's, and on CUDA `device`'s. (Other accelerators' RNGs are left
+    alone: sampling there is not reproduced on resume.)"""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index], device_type="cuda"), torch.cuda.device(index):
+            torch.random.default_generator.manual_seed(seed)
+            torch.cuda.manual_seed(seed)  # this device only
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
 
 
 def draw_seed(generator: torch.Generator) -> int:

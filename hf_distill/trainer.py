@@ -21,6 +21,7 @@ overridden, smallest first:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 from collections.abc import Mapping, Sequence
@@ -166,12 +167,15 @@ class _GenerationRngCallback(TrainerCallback):
             torch.save(self.generator.get_state(), os.path.join(folder, self.file))
 
 
+@dataclasses.dataclass(frozen=True)
 class _GenerationSettings:
     """What `hf_distill.on_policy` needs for every generated micro-batch, resolved once at `__init__`."""
 
-    def __init__(self, pad_token_id, eos_token_ids, max_prompt_length, kwargs, with_position_ids):
-        self.pad_token_id, self.eos_token_ids = pad_token_id, eos_token_ids
-        self.max_prompt_length, self.kwargs, self.with_position_ids = max_prompt_length, kwargs, with_position_ids
+    pad_token_id: int
+    eos_token_ids: list[int]
+    max_prompt_length: int | None  # max_length - max_new_tokens; None: unbounded
+    kwargs: dict[str, Any] | None  # `generation_kwargs`
+    with_position_ids: bool  # the student takes `position_ids` (left-padded rows need them)
 
 
 class DistillationTrainer(Trainer):
@@ -331,6 +335,11 @@ class DistillationTrainer(Trainer):
             raise ValueError(
                 f"{wanted} generates completions, which needs a causal-LM student with `generate` (a transformers "
                 f"`...ForCausalLM`), got {type(student).__name__}. Set lmbda=0, seq_kd=False, eval_on_policy=False."
+            )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                f"{wanted} generates with the student, which is not supported when it is sharded (DeepSpeed, FSDP): "
+                "train with DDP or on one device, or set lmbda=0, seq_kd=False, eval_on_policy=False."
             )
         if self.teacher_model is None:
             raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -52,3 +53,18 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         for a, b in zip(ddp[key], single[key]):
             assert a == pytest.approx(b, rel=1e-4), key
     assert ddp["weight_norm"] == pytest.approx(single["weight_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_policy(tmp_path):
+    """lmbda=1 under 2-process DDP: each process generates its own shard (one `generate` per micro-batch), the losses
+    are finite, and the logged `generated_tokens` is the sum over both processes."""
+    run([*LAUNCH, "--multi_gpu", str(SCRIPT.parent / "on_policy_run.py"), str(tmp_path / "ddp")], tmp_path)
+    results = [json.loads((tmp_path / "ddp" / f"result_{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(r["world_size"] == 2 for r in results)
+    assert [r["generate_calls"] for r in results] == [6, 6]  # 3 steps × 2 micro-batches, on each process
+    logged = results[0]["logged_generated_tokens"]
+    assert results[1]["logged_generated_tokens"] == logged
+    assert sum(logged) == sum(r["generated_tokens"] for r in results)
+    assert len(results[0]["losses"]) == 3 and all(math.isfinite(x) for x in results[0]["losses"])
+    assert results[0]["losses"] == results[1]["losses"] and results[0]["on_policy_fraction"] == [1.0] * 3
