@@ -72,6 +72,7 @@ class Setup:
     student_width: int = 128
     seed: int = 0
     num_threads: int = 0  # torch.set_num_threads in each run; 0: torch's default (all cores)
+    kd_chunk_size: int = -1  # hf-distill's kd_chunk_size; -1: its default (None: chunked above 2**24 KD logits)
 
     @property
     def generation_kwargs(self) -> dict:
@@ -244,6 +245,7 @@ def build_trainer(name: str, setup: Setup, teacher, student, prompts, output_dir
             lmbda=1.0,
             max_new_tokens=setup.max_new_tokens,
             generation_kwargs=setup.generation_kwargs,
+            kd_chunk_size=None if setup.kd_chunk_size < 0 else setup.kd_chunk_size,
         )
         # Prompt-only rows: every label -100 (valid at lmbda=1; the student writes the completion).
         dataset = datasets.Dataset.from_dict(
@@ -383,7 +385,11 @@ def markdown(results: dict) -> str:
 
 
 def summarise(runs: list[dict], setup: Setup, rounds: int) -> dict:
-    labels = {"trl": "TRL DistillationTrainer (beta=1)", "hf_distill": "hf-distill DistillationTrainer (lmbda=1)"}
+    chunk = "" if setup.kd_chunk_size < 0 else f", kd_chunk_size={setup.kd_chunk_size}"
+    labels = {
+        "trl": "TRL DistillationTrainer (beta=1)",
+        "hf_distill": f"hf-distill DistillationTrainer (lmbda=1{chunk})",
+    }
     summary = {}
     for name in TRAINERS:
         mine = [run for run in runs if run["trainer"] == name]
