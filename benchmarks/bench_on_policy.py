@@ -30,7 +30,7 @@ teacher), inside the student's training forward (``student.transformer`` with gr
 TRL is a benchmark-only dependency (``pip install -e .[bench]``). Writes ``benchmarks/results/on_policy.json`` and
 ``.md`` (``--results_name``).
 
-    python benchmarks/bench_on_policy.py                       # ~10 min on a busy 2-core machine
+    python benchmarks/bench_on_policy.py --num_threads 1       # 5 rounds, ~4 min on a quiet 2-core machine
     python benchmarks/bench_on_policy.py --rounds 1 --steps 3 --warmup_steps 1 --results_name on_policy_smoke
 """
 
@@ -424,7 +424,7 @@ def main(argv=None) -> dict:
     for f in dataclasses.fields(Setup):
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     parser.add_argument(
-        "--rounds", type=int, default=2, help="Each round: one run of each trainer (order alternates)."
+        "--rounds", type=int, default=5, help="Each round: one run of each trainer (order alternates)."
     )
     parser.add_argument("--results_name", default="on_policy")
     parser.add_argument(
