@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_teacher_overhead.py
 	$(BIN)/python benchmarks/bench_kd_memory.py --repeats 2
 	$(BIN)/python benchmarks/bench_vs_trl.py
+	$(BIN)/python benchmarks/bench_on_policy.py
 	$(BIN)/python benchmarks/bench_cache_scale.py
 
 clean:

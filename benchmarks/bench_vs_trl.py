@@ -71,31 +71,40 @@ class Setup:
     seed: int = 0
 
 
-def _max_rss_bytes() -> int:
+def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def tiny_gpt2(vocab_size: int, n_positions: int, layers: int, width: int, seed: int):
+    """A config-built GPT-2 (4 heads, no dropout) with weights drawn under `torch.manual_seed(seed)`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=width,
+        n_layer=layers,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
 
 
 def build_models_and_data(setup: Setup):
     import datasets
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    def gpt2(layers: int, width: int, seed: int) -> GPT2LMHeadModel:
-        torch.manual_seed(seed)
-        config = GPT2Config(
-            vocab_size=setup.vocab_size,
-            n_positions=setup.sequence_length,
-            n_embd=width,
-            n_layer=layers,
-            n_head=4,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-        return GPT2LMHeadModel(config)
-
-    teacher = gpt2(setup.teacher_layers, setup.teacher_width, setup.seed + 1).eval()
-    student = gpt2(setup.student_layers, setup.student_width, setup.seed + 2)
+    teacher = tiny_gpt2(
+        setup.vocab_size, setup.sequence_length, setup.teacher_layers, setup.teacher_width, setup.seed + 1
+    )
+    teacher.eval()
+    student = tiny_gpt2(
+        setup.vocab_size, setup.sequence_length, setup.student_layers, setup.student_width, setup.seed + 2
+    )
 
     num_rows = setup.batch_size * setup.steps
     generator = torch.Generator().manual_seed(setup.seed)
@@ -114,16 +123,21 @@ def build_models_and_data(setup: Setup):
     return teacher, student, dataset
 
 
-def _word_level_tokenizer(vocab_size: int):
-    """An in-memory tokenizer: `GKDTrainer` (an `SFTTrainer`) needs a `processing_class` with a pad token."""
+def word_level_tokenizer(vocab_size: int):
+    """An in-memory tokenizer: `GKDTrainer` (an `SFTTrainer`) needs a `processing_class` with a pad token.
+
+    Token i is the word ``t{i}`` (``t0`` pad/unk, ``t1`` eos); texts are split on whitespace, so
+    ``" ".join(f"t{i}" for i in ids)`` encodes to ``ids`` (TRL's on-policy `DistillationTrainer` takes text prompts).
+    """
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"t{i}": i for i in range(vocab_size)}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t0")), pad_token="t0", eos_token="t1"
-    )
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1")
 
 
 def build_trainer(name: str, setup: Setup, teacher, student, dataset, output_dir: str, callbacks):
@@ -174,7 +188,7 @@ def build_trainer(name: str, setup: Setup, teacher, student, dataset, output_dir
             args=args,
             train_dataset=dataset,
             data_collator=default_data_collator,
-            processing_class=_word_level_tokenizer(setup.vocab_size),
+            processing_class=word_level_tokenizer(setup.vocab_size),
             callbacks=callbacks,
         )
     else:
@@ -205,7 +219,7 @@ def run_one(name: str, setup: Setup, profile: bool = False) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    rss_start = _max_rss_bytes()
+    rss_start = max_rss_bytes()
     teacher, student, dataset = build_models_and_data(setup)
 
     class StepTimer(TrainerCallback):
@@ -224,7 +238,7 @@ def run_one(name: str, setup: Setup, profile: bool = False) -> dict:
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_trainer(name, setup, teacher, student, dataset, output_dir, [timer])
-        rss_before_train = _max_rss_bytes()
+        rss_before_train = max_rss_bytes()
         if profile:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
                 trainer.train()
@@ -238,8 +252,8 @@ def run_one(name: str, setup: Setup, profile: bool = False) -> dict:
         "step_seconds": timer.seconds,
         "median_step_cpu_seconds": statistics.median(timer.cpu_seconds[setup.warmup_steps :]),
         "step_cpu_seconds": timer.cpu_seconds,
-        "peak_rss_bytes": _max_rss_bytes(),
-        "train_peak_rss_delta_bytes": _max_rss_bytes() - rss_before_train,
+        "peak_rss_bytes": max_rss_bytes(),
+        "train_peak_rss_delta_bytes": max_rss_bytes() - rss_before_train,
         "rss_before_train_bytes": rss_before_train,
         "rss_at_start_bytes": rss_start,
         # Set once `DistillationTrainer` can use `chunked_distillation_loss` (a `kd_chunk_size` argument).

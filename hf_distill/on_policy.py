@@ -151,6 +151,27 @@ def generated_batch(
     return batch
 
 
+def completion_logits_only(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A generated micro-batch (`generated_batch`) set up for both models to compute logits only where they are scored.
+
+    Its prompt columns count nothing, yet a forward would project every position of them onto the vocabulary (the LM
+    head, both log-softmaxes and the divergence: a third of the work at a 32-token prompt and 64 new tokens). Adds
+    ``logits_to_keep = L - first + 1`` (``first``: the first column where any row counts a label; the extra position is
+    the prompt's last token, whose logit predicts the first completion token) and keeps the last ``logits_to_keep``
+    columns of ``labels``, so the shifted labels line up with the kept logits exactly as the full ones did with all of
+    them. The inputs (``input_ids``, ``attention_mask``, ``position_ids``) are unchanged: the models still see the whole
+    sequence. A batch that counts nothing is returned as is.
+    """
+    labels = batch["labels"]
+    counted = labels.ne(IGNORE_INDEX)
+    counted[:, 0] = False  # a causal LM's label at 0 predicts nothing
+    columns = counted.any(dim=0).nonzero()
+    if columns.numel() == 0:
+        return dict(batch)
+    keep = labels.shape[1] - int(columns[0, 0]) + 1
+    return {**batch, "labels": labels[:, -keep:], "logits_to_keep": keep}
+
+
 @contextlib.contextmanager
 def forked_global_rng(seed: int, device: torch.device):
     """The global RNGs seeded with `seed` inside the block and restored after it, so sampling inside neither disturbs

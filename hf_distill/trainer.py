@@ -317,6 +317,18 @@ class DistillationTrainer(Trainer):
         self.add_callback(IntermediateMatchesCallback(matcher))
         return matcher
 
+    @property
+    def _completion_logits_only(self) -> bool:
+        """Whether the student's generated micro-batches can ask both models for the completion's logits alone
+        (`on_policy.completion_logits_only`): both take `logits_to_keep`, and no intermediate match reads positions."""
+        return (
+            self._intermediate is None
+            and self._student_arguments is not None
+            and "logits_to_keep" in self._student_arguments
+            and self._teacher_arguments is not None
+            and "logits_to_keep" in self._teacher_arguments
+        )
+
     def _generation_settings(self, student: nn.Module) -> _GenerationSettings:
         """Checks that this run can generate (`lmbda`, `seq_kd`, `eval_on_policy`) and resolves the token ids, the
         prompt budget and the `generate` settings."""
@@ -557,6 +569,9 @@ class DistillationTrainer(Trainer):
             )
             if loss is not None:  # None: a head the fused path cannot reproduce, found on the first batch
                 return self._share_of_step(loss, mask.sum(), num_items_in_batch)
+        if generated and self._completion_logits_only:  # logits on the completion only (the prompt counts nothing)
+            inputs = on_policy.completion_logits_only(inputs)
+            mask, labels = self._counted_positions(inputs), inputs["labels"]
 
         student_inputs = dict(inputs)
         # The student computes its own label loss only when that loss is used (at alpha = 1 in training it would be a

@@ -303,6 +303,24 @@ def test_accumulation_4x4_equals_16x1_on_policy(tmp_path):
     torch.testing.assert_close(weights_a, weights_b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("lmbda", [1.0, 0.5])
+def test_fused_lm_head_trains_generated_batches_as_the_logits_path(tmp_path, lmbda):
+    """The fused lm_head path (no logits) on generated and dataset micro-batches: the same logged losses and weights as
+    the logits path (which scores generated batches on the completion's logits only)."""
+    results = []
+    for fuse in (False, True):
+        trainer = build(
+            tmp_path / str(fuse), dataset=sft_dataset(n=32), lmbda=lmbda, max_steps=4, kd_fuse_lm_head=fuse, alpha=0.7
+        )
+        trainer.train()
+        weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        results.append(([losses_of(trainer, key) for key in ("loss", "loss_kd", "on_policy_fraction")], weights))
+    (logged_a, weights_a), (logged_b, weights_b) = results
+    for a, b in zip(logged_a, logged_b):  # float32 rounding: the losses here are ~0.01
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(weights_a, weights_b, rtol=1e-5, atol=1e-6)
+
+
 def test_long_prompt_is_left_truncated_and_still_generates(tmp_path):
     long_prompt = list(range(2, 14))  # 12 tokens
     dataset = datasets.Dataset.from_dict(
