@@ -41,9 +41,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chunked import default_chunk_size, divergence_and_student_gradient
+from .chunked import divergence_and_student_gradient
 from .divergences import get_distillation_loss
 from .losses import IGNORE_INDEX, DistillationLossType, distillation_divergence, top_k_tail_logits
+
+
+# About 2M elements per float32 [chunk, V] work tensor (64 rows at V = 32000). A fused chunk holds about seven of them
+# (both models' logits, the gradient, the closed form's four scratch tensors): at the chunked path's 4M elements a
+# whole GPT-2 KD step at V = 32000, N = 2048 peaked 0.87 of one float32 [N, V] tensor above the same models without
+# logits, at 2M 0.29 (`benchmarks/bench_kd_step_memory.py`), in the same time: fused loss fwd + bwd at N = 2048,
+# H = 256, one thread, alternated medians 2.50 s (2M) vs 2.61 s (4M); 1M elements was 11 % slower than 2M.
+_FUSED_CHUNK_ELEMENTS = 1 << 21
+
+
+def default_fused_chunk_size(vocab_size: int) -> int:
+    """Rows per fused chunk: about 2M elements per float32 ``[chunk_size, V]`` work tensor (at least 1 row)."""
+    return max(1, _FUSED_CHUNK_ELEMENTS // max(1, vocab_size))
 
 
 class FusedDistillationLoss(NamedTuple):
@@ -299,7 +312,8 @@ def fused_linear_distillation_loss(
             and the teacher's logits); default ``V_s``. The label term always uses the student's whole ``V_s``.
         student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap: the models' post-head transforms
             (``config.logit_scale``, ``config.final_logit_softcapping``); 1.0 / None for none.
-        chunk_size: rows per chunk; default :func:`hf_distill.chunked.default_chunk_size` of ``V_s``.
+        chunk_size: rows per chunk; default :func:`default_fused_chunk_size` of ``V_s`` (about 2M elements per work
+            tensor).
 
     Returns:
         :class:`FusedDistillationLoss` ``(loss, kd_sum, ce_sum, teacher_nonfinite)``. The gradients are computed during
@@ -336,7 +350,7 @@ def fused_linear_distillation_loss(
     if mask.shape != (num_rows,) or (labels is not None and labels.shape != (num_rows,)):
         raise ValueError(f"mask and labels must be [N] = [{num_rows}].")
     get_distillation_loss(loss_type)  # an unknown name fails here
-    chunk_size = default_chunk_size(vocab) if chunk_size is None else chunk_size
+    chunk_size = default_fused_chunk_size(vocab) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
 
