@@ -12,6 +12,7 @@ plain, ...) for `--rounds` rounds; each figure is the median over rounds of the 
 time is measured on the same batches under `torch.no_grad`.
 
     python benchmarks/bench_teacher_overhead.py          # prints a table, writes benchmarks/results/teacher_overhead.json
+    python benchmarks/bench_teacher_overhead.py --pairs gpt2_realistic --results_name teacher_overhead_realistic
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from hf_distill import (
 )
 
 
-RESULTS = Path(__file__).parent / "results" / "teacher_overhead.json"
+RESULTS_DIR = Path(__file__).parent / "results"
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
 
 
@@ -98,14 +99,29 @@ def mnist_pair():
     return teacher, student, dataset, 128
 
 
-def causal_lm_pair():
+def gpt2_pair(vocab_size: int, teacher_shape: tuple[int, int], student_shape: tuple[int, int], rows: int):
+    """GPT-2 teacher and student of (layers, width), heads of 64 wide, on `rows` random sequences of 128 tokens."""
     torch.manual_seed(0)
-    config = dict(vocab_size=8192, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    teacher = GPT2LMHeadModel(GPT2Config(n_embd=256, n_layer=4, n_head=4, **config))
-    student = GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=2, n_head=2, **config))
-    ids = torch.randint(0, 8192, (512, 128), generator=torch.Generator().manual_seed(0))
+    config = dict(vocab_size=vocab_size, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    (teacher_layers, teacher_width), (student_layers, student_width) = teacher_shape, student_shape
+    teacher = GPT2LMHeadModel(
+        GPT2Config(n_embd=teacher_width, n_layer=teacher_layers, n_head=teacher_width // 64, **config)
+    )
+    student = GPT2LMHeadModel(
+        GPT2Config(n_embd=student_width, n_layer=student_layers, n_head=student_width // 64, **config)
+    )
+    ids = torch.randint(0, vocab_size, (rows, 128), generator=torch.Generator().manual_seed(0))
     dataset = datasets.Dataset.from_dict({"input_ids": ids.numpy(), "labels": ids.numpy()})
     return teacher, student, dataset, 8
+
+
+def causal_lm_pair():
+    return gpt2_pair(8192, (4, 256), (2, 128), rows=512)
+
+
+def realistic_causal_lm_pair():
+    # 240 rows: the 30 steps of batch 8 a default run takes (a float16 cache of 128 × 32000 logits is 8 MB per row).
+    return gpt2_pair(32000, (8, 512), (4, 512), rows=240)
 
 
 def measure(name, pair, rounds: int, steps: int, warmup: int) -> dict:
@@ -163,14 +179,17 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--results_name", default="teacher_overhead", help="results/<name>.json")
+    parser.add_argument(
+        "--pairs", default="mnist,gpt2", help="Comma-separated: mnist, gpt2 (4x256 -> 2x128, V=8192), gpt2_realistic."
+    )
     options = parser.parse_args()
-    results = [
-        measure(name, pair, options.rounds, options.steps, options.warmup)
-        for name, pair in (
-            ("MNIST MLP 2x1200 -> 2x800", mnist_pair),
-            ("GPT-2 4L/256 -> 2L/128, V=8192", causal_lm_pair),
-        )
-    ]
+    pairs = {
+        "mnist": ("MNIST MLP 2x1200 -> 2x800", mnist_pair),
+        "gpt2": ("GPT-2 4L/256 -> 2L/128, V=8192", causal_lm_pair),
+        "gpt2_realistic": ("GPT-2 8L/512 -> 4L/512, V=32000", realistic_causal_lm_pair),
+    }
+    results = [measure(*pairs[key], options.rounds, options.steps, options.warmup) for key in options.pairs.split(",")]
     print(
         "| pair | plain step (ms) | cached KD step (ms) | online KD step (ms) | teacher fwd (ms) | "
         "cached / plain | online / (plain + teacher fwd) |"
@@ -182,8 +201,9 @@ def main():
             f"| {r['name']} | {1e3 * m['plain']:.1f} | {1e3 * m['cached']:.1f} | {1e3 * m['online']:.1f} | "
             f"{1e3 * m['teacher_forward']:.1f} | {r['cached_ratio']:.3f} | {r['online_ratio']:.3f} |"
         )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(
+    results_file = RESULTS_DIR / f"{options.results_name}.json"
+    RESULTS_DIR.mkdir(exist_ok=True)
+    results_file.write_text(
         json.dumps(
             {
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
@@ -193,7 +213,7 @@ def main():
             indent=2,
         )
     )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {results_file}")
 
 
 if __name__ == "__main__":
