@@ -61,6 +61,13 @@ def generation_token_ids(processing_class: Any, model: nn.Module) -> tuple[int |
     return (int(pad) if pad is not None else None), eos_ids
 
 
+def _predicted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` bool: the labels a causal LM predicts (not -100, and not at position 0, which nothing predicts)."""
+    counted = labels.ne(IGNORE_INDEX)
+    counted[:, 0] = False
+    return counted
+
+
 def prompt_mask(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None
 ) -> torch.Tensor:
@@ -73,9 +80,7 @@ def prompt_mask(
     attended = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if labels is None:
         return attended
-    counted = labels.ne(IGNORE_INDEX)
-    counted[:, 0] = False
-    before_first = counted.cumsum(dim=1).eq(0)
+    before_first = _predicted_labels(labels).cumsum(dim=1).eq(0)
     return attended & before_first
 
 
@@ -163,9 +168,7 @@ def completion_logits_only(batch: Mapping[str, Any]) -> dict[str, Any]:
     sequence. A batch that counts nothing is returned as is.
     """
     labels = batch["labels"]
-    counted = labels.ne(IGNORE_INDEX)
-    counted[:, 0] = False  # a causal LM's label at 0 predicts nothing
-    columns = counted.any(dim=0).nonzero()
+    columns = _predicted_labels(labels).any(dim=0).nonzero()
     if columns.numel() == 0:
         return dict(batch)
     keep = labels.shape[1] - int(columns[0, 0]) + 1

@@ -252,6 +252,29 @@ def check_output_sizes(
 # ---- running the teacher ----
 
 
+def _teacher_inputs(inputs: Mapping[str, Any], accepted: set[str] | None, *, keep_labels: bool = False) -> dict:
+    """The batch's inputs that the teacher takes (`accepted`, None for any), without ``labels`` unless `keep_labels`,
+    and with ``use_cache=False`` where it takes one (a KV cache is of no use to a single forward pass)."""
+    teacher_inputs = {
+        key: value
+        for key, value in inputs.items()
+        if (key != "labels" or keep_labels) and (accepted is None or key in accepted)
+    }
+    if accepted is not None and "use_cache" in accepted:
+        teacher_inputs["use_cache"] = False
+    return teacher_inputs
+
+
+def check_cached_positions(num_cached: int, mask: torch.Tensor) -> None:
+    """A token-level cache holds one row per counted position of its batch (``mask [...]`` bool), in order."""
+    if num_cached != int(mask.sum()):
+        raise ValueError(
+            f"Cached teacher outputs hold {num_cached} positions for a batch that counts {int(mask.sum())}: they were "
+            "computed with other labels/attention masks or for other rows. Recompute them with "
+            "`precompute_teacher_logits` on this dataset."
+        )
+
+
 def teacher_forward(
     teacher: nn.Module,
     inputs: Mapping[str, Any],
@@ -271,13 +294,7 @@ def teacher_forward(
         autocast: a context-manager factory, e.g. ``accelerator.autocast``: the student runs under accelerate's
             autocast (its forward is wrapped at `prepare`); the teacher is never prepared, so it gets it explicitly.
     """
-    teacher_inputs = {
-        key: value
-        for key, value in inputs.items()
-        if (key != "labels" or keep_labels) and (accepted is None or key in accepted)
-    }
-    if accepted is not None and "use_cache" in accepted:
-        teacher_inputs["use_cache"] = False  # a KV cache is of no use to a single forward pass
+    teacher_inputs = _teacher_inputs(inputs, accepted, keep_labels=keep_labels)
     if temperature is not None:
         teacher_inputs["temperature"] = temperature
     with torch.no_grad(), autocast() if autocast is not None else contextlib.nullcontext():
@@ -294,9 +311,7 @@ def teacher_last_hidden_state(
     """A causal-LM teacher's final hidden states ``[B, L, H]`` and its last position's logits ``[B, 1, V]``: one
     no-grad forward (as :func:`teacher_forward`) that skips the full logits (``logits_to_keep=1``), for the fused
     ``lm_head`` path (`hf_distill.fused`)."""
-    teacher_inputs = {key: value for key, value in inputs.items() if key != "labels" and key in (accepted or ())}
-    if "use_cache" in (accepted or ()):
-        teacher_inputs["use_cache"] = False
+    teacher_inputs = _teacher_inputs(inputs, accepted)
     with torch.no_grad(), autocast() if autocast is not None else contextlib.nullcontext():
         outputs = teacher(**teacher_inputs, output_hidden_states=True, logits_to_keep=1)
     return (outputs.hidden_states or [None])[-1], outputs.logits
@@ -383,12 +398,7 @@ def align_teacher_signal(
     else:
         teacher_logits = cached_teacher_outputs
         if token_level:
-            if teacher_logits.shape[0] != int(mask.sum()):
-                raise ValueError(
-                    f"Cached teacher outputs hold {teacher_logits.shape[0]} positions for a batch that counts "
-                    f"{int(mask.sum())}: they were computed with other labels/attention masks or for other rows. "
-                    "Recompute them with `precompute_teacher_logits` on this dataset."
-                )
+            check_cached_positions(teacher_logits.shape[0], mask)
             student_logits, mask = student_logits[mask], mask.new_ones(teacher_logits.shape[0])
         if cached_top_k_ids is not None:
             top_k_ids = cached_top_k_ids.long()

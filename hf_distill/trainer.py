@@ -77,6 +77,7 @@ from .teachers import (
     TeacherSignal,
     align_teacher_signal,
     build_teacher,
+    check_cached_positions,
     check_output_sizes,
     teacher_forward,
     teacher_last_hidden_state,
@@ -749,14 +750,8 @@ class DistillationTrainer(Trainer):
         if not self._head_checked("student", student, head, hidden, outputs.logits):
             return None
         count = mask.sum()
-        if cached:  # the counted positions, in order (`align_teacher_signal` checks the same)
-            rows = cached.get(TEACHER_LOGITS, cached.get(TEACHER_TOPK_LOGPROBS)).shape[0]
-            if rows != int(count):
-                raise ValueError(
-                    f"Cached teacher outputs hold {rows} positions for a batch that counts {int(count)}: they were "
-                    "computed with other labels/attention masks or for other rows. Recompute them with "
-                    "`precompute_teacher_logits` on this dataset."
-                )
+        if cached:  # the counted positions, in order
+            check_cached_positions(cached.get(TEACHER_LOGITS, cached.get(TEACHER_TOPK_LOGPROBS)).shape[0], mask)
             teacher = dict(
                 teacher_logits=cached.get(TEACHER_LOGITS),
                 top_k_ids=cached.get(TEACHER_TOPK_IDS),

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SEQ_LEN, VOCAB_SIZE, bert_config, causal_lm_dataset, gpt2_config, seeded, sequence_dataset
+from test_trainer import make_args as trainer_make_args
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import (
@@ -341,22 +342,9 @@ FAMILIES["cohere_scale"] = (
 
 
 def make_args(tmp_path, **overrides) -> DistillationTrainingArguments:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        max_steps=20,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        alpha=0.7,
-        temperature=2.0,
-    )
-    return DistillationTrainingArguments(**{**values, **overrides})
+    """`test_trainer.make_args` with this file's run: batches of 4, 20 steps, alpha 0.7, T 2."""
+    values = dict(per_device_train_batch_size=4, max_steps=20, alpha=0.7, temperature=2.0)
+    return trainer_make_args(tmp_path, **{**values, **overrides})
 
 
 def train_logs(tmp_path, name, family, fuse, teacher=None, dataset=None, **overrides):
