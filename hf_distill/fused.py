@@ -102,55 +102,68 @@ class _Settings:
     chunk_size: int
 
 
-def _head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float, softcap: float | None):
+def _head(hidden, weight, bias, scale: float, softcap: float | None, out: torch.Tensor | None = None):
     """``(z, ∂z/∂x)`` for float32 ``hidden [C, H]``, ``weight [V, H]``: the logits as the model forms them (scale, then
-    ``c · tanh(x / c)``) and their elementwise derivative with respect to the head's output (None when it is 1)."""
-    logits = F.linear(hidden, weight, bias)
+    ``c · tanh(x / c)``) and their elementwise derivative with respect to the head's output (None when it is 1).
+    ``out``: an optional ``[C, V]`` float32 buffer for ``z`` (a chunk's logits then allocate nothing)."""
+    if out is None:
+        logits = F.linear(hidden, weight, bias)
+    elif bias is None:
+        logits = torch.mm(hidden, weight.t(), out=out)
+    else:
+        logits = torch.addmm(bias, hidden, weight.t(), out=out)
     derivative = None
     if scale != 1.0:
-        logits = logits * scale
+        logits = logits.mul_(scale)
         derivative = scale
     if softcap is not None:
-        tanh = torch.tanh(logits / softcap)
-        logits = tanh * softcap
+        tanh = torch.tanh(logits.div_(softcap))
+        logits = torch.mul(tanh, softcap, out=logits)
         derivative = (1.0 - tanh * tanh).mul_(scale)
     return logits, derivative
 
 
-def _teacher_chunk(settings: _Settings, rows: torch.Tensor, width: int):
-    """The teacher's float32 dense logits ``[C, width]`` at `rows` (online or full cache)."""
+def _teacher_chunk(settings: _Settings, rows, width: int, out: torch.Tensor):
+    """The teacher's dense logits ``[C, width]`` at `rows` (a slice or indices): a full cache's rows as stored (any
+    float dtype; the divergence converts them), or an online teacher's float32 logits, formed in ``out``."""
     if settings.teacher_logits is not None:
-        return settings.teacher_logits[rows].float()
+        return settings.teacher_logits[rows]
     logits, _ = _head(
         settings.teacher_hidden[rows].float(),
         settings.teacher_weight,
         settings.teacher_bias,
         settings.teacher_logit_scale,
         settings.teacher_softcap,
+        out=out,
     )
     return logits[:, :width]
 
 
-def _kd_value_and_gradient(settings: _Settings, logits: torch.Tensor, rows: torch.Tensor, workspace, with_gradient):
-    """Per-row ``T² · D`` over the chunk and its gradient ``[C, V_s]`` with respect to the student's logits, plus the
-    teacher values that were compared (for the finiteness check)."""
+def _kd_value_and_gradient(settings: _Settings, logits, rows, workspace, gradient_out, with_gradient):
+    """Per-row ``T² · D`` over the chunk and its gradient ``[C, V_s]`` with respect to the student's logits (written
+    into ``gradient_out``), plus the teacher values that were compared (for the finiteness check)."""
     kwargs = dict(temperature=settings.temperature, loss_type=settings.loss_type, jsd_beta=settings.jsd_beta)
-    width = settings.vocab_size
+    width, num_rows = settings.vocab_size, logits.shape[0]
+    student = logits[:, :width]
     if settings.top_k_ids is None:
-        student, teacher = logits[:, :width], _teacher_chunk(settings, rows, width)
+        online_width = settings.teacher_weight.shape[0] if settings.teacher_weight is not None else 0
+        teacher = _teacher_chunk(settings, rows, width, workspace.slot(4, num_rows, online_width))
         if not with_gradient:
-            return distillation_divergence(student, teacher, **kwargs), None, teacher
-        values, gradient = divergence_and_student_gradient(
-            student, teacher, workspace=workspace[:, : len(rows)], **kwargs
-        )
+            return distillation_divergence(student, teacher.float(), **kwargs), None, teacher
         if width < logits.shape[-1]:  # padding rows of the head: no KD gradient
-            gradient = F.pad(gradient, (0, logits.shape[-1] - width))
-        return values, gradient, teacher
+            gradient_out[:, width:] = 0.0
+        values, _ = divergence_and_student_gradient(
+            student,
+            teacher,
+            workspace=workspace.slots(4, num_rows, width),
+            gradient_out=gradient_out[:, :width],
+            **kwargs,
+        )
+        return values, gradient_out, teacher
 
     ids = settings.top_k_ids[rows].long()
     logprobs = settings.top_k_logprobs[rows]
     tail = settings.top_k_tail[rows] if settings.top_k_tail is not None else None
-    student = logits[:, :width]
     if tail is not None:
         student_buckets, teacher = top_k_tail_logits(student, ids, logprobs, tail, settings.temperature)
     else:
@@ -159,7 +172,7 @@ def _kd_value_and_gradient(settings: _Settings, logits: torch.Tensor, rows: torc
         return distillation_divergence(student_buckets, teacher, **kwargs), None, teacher
     values, bucket_gradient = divergence_and_student_gradient(student_buckets, teacher, **kwargs)
     k = ids.shape[-1]
-    gradient = torch.zeros_like(logits)
+    gradient = gradient_out.zero_()
     if tail is not None and k < width:
         # The rest bucket T · logsumexp_{j ∉ K}(z_j / T): its derivative is the tempered softmax outside K.
         scaled = student if settings.temperature == 1.0 else student / settings.temperature
@@ -169,17 +182,45 @@ def _kd_value_and_gradient(settings: _Settings, logits: torch.Tensor, rows: torc
     return values, gradient, teacher
 
 
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, with_gradient: bool):
-    """Per-row ``logsumexp(z) − z_label`` (rows with label -100 give 0) and its gradient ``softmax(z) − onehot``."""
+class _Workspace:
+    """Float32 ``[C, V]`` buffers reused by every chunk: the student's logits (slot 5), the teacher's (4), the
+    gradient (6) and the closed forms' four scratch tensors (0–3). Freeing and re-allocating tensors of this size for
+    every chunk makes the allocator return them to the OS and fault them in again (see
+    `hf_distill.chunked.divergence_and_student_gradient`)."""
+
+    def __init__(self, rows: int, columns: int, device: torch.device):
+        self.columns = columns  # the widest head: max(V_s, V_t)
+        self.buffer = torch.empty(7, rows * columns, dtype=torch.float32, device=device)
+
+    def slot(self, index: int, rows: int, columns: int | None = None) -> torch.Tensor:
+        """Slot `index` as a contiguous ``[rows, columns]`` tensor (``columns`` defaults to the widest head)."""
+        columns = self.columns if columns is None else columns
+        return self.buffer[index, : rows * columns].view(rows, columns)
+
+    def slots(self, count: int, rows: int, columns: int) -> torch.Tensor:
+        """Slots ``0 .. count-1`` as one ``[count, rows, columns]`` view (the closed forms' workspace argument)."""
+        return self.buffer[:count, : rows * columns].view(count, rows, columns)
+
+
+def _cross_entropy(logits, labels, gradient, weight: float, *, accumulate: bool, every_row: bool, log_probs):
+    """Per-row ``logsumexp(z) − z_label`` (rows with label -100 give 0) and, when ``gradient`` is given, ``weight ·
+    (softmax(z) − onehot)`` written into it (added to it with `accumulate`). ``log_probs``: a ``[C, V]`` scratch
+    buffer. Returns ``(values, whether gradient holds a gradient)``."""
     counted = labels.ne(IGNORE_INDEX)
     safe = torch.where(counted, labels, 0)[:, None]
-    log_probs = torch.log_softmax(logits, dim=-1)
+    torch.log_softmax(logits, dim=-1, out=log_probs)
     values = torch.where(counted, -log_probs.gather(-1, safe).squeeze(-1), 0.0)
-    if not with_gradient:
-        return values, None
-    gradient = log_probs.exp_()
-    gradient.scatter_add_(-1, safe, torch.full_like(safe, -1, dtype=gradient.dtype))
-    return values, gradient.mul_(counted[:, None])
+    if gradient is None:
+        return values, accumulate
+    probs = log_probs.exp_()
+    probs.scatter_add_(-1, safe, torch.full_like(safe, -1, dtype=probs.dtype))  # softmax − onehot, as autograd has it
+    if not every_row:
+        probs.mul_(counted[:, None])
+    if accumulate:
+        gradient.add_(probs.mul_(weight))
+    else:
+        torch.mul(probs, weight, out=gradient)
+    return values, True
 
 
 class _FusedLinearDistillation(torch.autograd.Function):
@@ -199,6 +240,11 @@ class _FusedLinearDistillation(torch.autograd.Function):
         counted_ce = settings.labels.ne(IGNORE_INDEX) if settings.labels is not None else None
         counted = settings.mask if counted_ce is None else settings.mask | counted_ce
         rows_all = counted.nonzero().squeeze(-1)  # gathered first: padding costs nothing
+        # The usual case (the trainer passes the counted positions only): every row counts for both terms. Chunks are
+        # then slices (no gathers), and no row of the gradient needs zeroing.
+        every_row = len(rows_all) == len(counted)
+        every_kd_row = bool(settings.mask[rows_all].all())
+        every_ce_row = counted_ce is None or bool(counted_ce[rows_all].all())
         kd_sum = torch.zeros((), dtype=torch.float32, device=device)
         ce_sum = torch.zeros((), dtype=torch.float32, device=device)
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -208,39 +254,58 @@ class _FusedLinearDistillation(torch.autograd.Function):
             grad_weight = torch.zeros_like(weight32) if needs[1] else None
             grad_bias = torch.zeros_like(bias32) if needs[2] else None
         chunk_size = settings.chunk_size
-        workspace = None
-        if with_gradient and settings.top_k_ids is None:
-            workspace = torch.empty(
-                4, min(chunk_size, max(1, len(rows_all))), settings.vocab_size, dtype=torch.float32, device=device
-            )
+        teacher_width = settings.teacher_weight.shape[0] if settings.teacher_weight is not None else 0
+        workspace = _Workspace(min(chunk_size, max(1, len(rows_all))), max(weight.shape[0], teacher_width), device)
         for start in range(0, len(rows_all), chunk_size):
-            rows = rows_all[start : start + chunk_size]
+            rows = slice(start, start + chunk_size) if every_row else rows_all[start : start + chunk_size]
             hidden_rows = hidden[rows].float()
+            num_rows = hidden_rows.shape[0]
             logits, derivative = _head(
-                hidden_rows, weight32, bias32, settings.student_logit_scale, settings.student_softcap
+                hidden_rows,
+                weight32,
+                bias32,
+                settings.student_logit_scale,
+                settings.student_softcap,
+                out=workspace.slot(5, num_rows, weight.shape[0]),
             )
             kd_rows = settings.mask[rows]
-            values, kd_gradient, teacher = _kd_value_and_gradient(settings, logits, rows, workspace, with_gradient)
-            # torch.where: a NaN/inf on a row that does not count (a label-only row) stays out.
-            kd_sum += torch.where(kd_rows, values, 0.0).sum()
-            nonfinite |= ~torch.isfinite(torch.where(kd_rows[:, None], teacher, 0.0).sum())
-            gradient = None
-            if with_gradient and settings.kd_weight != 0:  # the gradient is this chunk's own buffer: in place
-                gradient = kd_gradient.masked_fill_(~kd_rows[:, None], 0.0).mul_(settings.kd_weight)
+            gradient = workspace.slot(6, num_rows, weight.shape[0])
+            values, kd_gradient, teacher = _kd_value_and_gradient(
+                settings, logits, rows, workspace, gradient, with_gradient
+            )
+            # A NaN/inf on a row that does not count (a label-only row) stays out: rows are reduced first, then masked.
+            teacher_row_sums = teacher.sum(-1, dtype=torch.float32)
+            if every_kd_row:
+                kd_sum += values.sum()
+                nonfinite |= ~torch.isfinite(teacher_row_sums.sum())
+            else:
+                kd_sum += torch.where(kd_rows, values, 0.0).sum()
+                nonfinite |= ~torch.isfinite(torch.where(kd_rows, teacher_row_sums, 0.0).sum())
+            has_gradient = with_gradient and settings.kd_weight != 0
+            if has_gradient:  # the gradient is the chunk's slot: in place
+                if not every_kd_row:
+                    kd_gradient.masked_fill_(~kd_rows[:, None], 0.0)
+                kd_gradient.mul_(settings.kd_weight)
             if settings.labels is not None:
-                ce_values, ce_gradient = _cross_entropy(
-                    logits, settings.labels[rows], with_gradient and settings.ce_weight != 0
+                ce_values, has_gradient = _cross_entropy(
+                    logits,
+                    settings.labels[rows],
+                    gradient if with_gradient and settings.ce_weight != 0 else None,
+                    settings.ce_weight,
+                    accumulate=has_gradient,
+                    every_row=every_ce_row,
+                    log_probs=workspace.slot(1, num_rows, weight.shape[0]),
                 )
                 ce_sum += ce_values.sum()
-                if ce_gradient is not None:
-                    ce_gradient.mul_(settings.ce_weight)
-                    gradient = ce_gradient if gradient is None else gradient.add_(ce_gradient)
-            if gradient is None:
+            if not has_gradient:
                 continue
             if derivative is not None:
                 gradient = gradient.mul_(derivative)
             if grad_hidden is not None:
-                grad_hidden.index_copy_(0, rows, gradient @ weight32)
+                if every_row:
+                    torch.mm(gradient, weight32, out=grad_hidden[rows])
+                else:
+                    grad_hidden.index_copy_(0, rows, gradient @ weight32)
             if grad_weight is not None:
                 grad_weight.addmm_(gradient.t(), hidden_rows)
             if grad_bias is not None:
