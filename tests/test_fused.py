@@ -173,6 +173,42 @@ def test_value_and_gradients_equal_naive(case):
         assert_close_relative(actual, wanted)
 
 
+@pytest.mark.parametrize("source", ["online", "cache"])
+def test_every_row_counted_equals_naive(source):
+    """The trainer's usual input (only counted positions; chunks are then slices of the rows): float16 cache too."""
+    inputs = make_inputs()
+    inputs["mask"][:] = True
+    inputs["labels"][inputs["labels"] == losses.IGNORE_INDEX] = 2
+    settings = dict(kd_weight=0.6, ce_weight=0.4, temperature=2.0, loss_type="kl")
+    teacher = teacher_arguments(inputs, source, VOCAB)
+    if source == "cache":  # the naive reference reads the same float16-rounded teacher
+        teacher["teacher_logits"] = teacher["teacher_logits"].detach().half()
+        rounded = teacher["teacher_logits"].float()
+        student = head(inputs["student_hidden"], inputs["student_weight"], inputs["student_bias"], 1.0, None)
+        kd_sum = losses.distillation_divergence(student, rounded, temperature=2.0, loss_type="kl").sum()
+        ce_sum = F.cross_entropy(student, inputs["labels"], reduction="sum")
+        expected = 0.6 * kd_sum + 0.4 * ce_sum
+    else:
+        expected, _, _ = naive(
+            inputs, source=source, vocab_size=VOCAB, scale=1.0, softcap=None, use_labels=True, **settings
+        )
+    expected_grads = gradients(expected, inputs)
+    result = fused_linear_distillation_loss(
+        inputs["student_hidden"],
+        inputs["student_weight"],
+        inputs["student_bias"],
+        inputs["mask"],
+        labels=inputs["labels"],
+        vocab_size=VOCAB,
+        chunk_size=4,
+        **teacher,
+        **settings,
+    )
+    torch.testing.assert_close(result.loss, expected.float(), rtol=1e-5, atol=0)
+    for actual, wanted in zip(gradients(result.loss, inputs), expected_grads):
+        assert_close_relative(actual, wanted)
+
+
 def test_without_labels_and_unmasked_rows_never_read():
     """No label term; NaN in the hidden states and teacher logits of rows that do not count stays out (the naive
     reference runs on the clean inputs: through a matmul its own weight gradient would turn NaN)."""
