@@ -31,8 +31,8 @@ LAUNCH = [
 ]
 
 
-def run(command, tmp_path):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def run(command, tmp_path, **environment):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **environment}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-4000:]
 
@@ -48,6 +48,25 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert ddp["student_wrapped"] == "DistributedDataParallel"
     assert ddp["teacher_wrapped"] == "GPT2LMHeadModel", "the teacher must never be wrapped in DDP"
     # Ragged rows: the two processes count different numbers of tokens, so only a global normalisation agrees.
+    assert len(ddp["losses"]) == len(single["losses"]) == 4
+    for key in ("losses", "loss_kd"):
+        for a, b in zip(ddp[key], single[key]):
+            assert a == pytest.approx(b, rel=1e-4), key
+    assert ddp["weight_norm"] == pytest.approx(single["weight_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_with_the_fused_lm_head(tmp_path):
+    """The fused lm_head path under DDP (the head's gradient computed in the student's loss, outside its forward, is
+    still averaged by DDP) logs the one-process naive run's losses and reaches its weights."""
+    run([*LAUNCH, "--multi_gpu", str(SCRIPT), str(tmp_path / "ddp"), "4"], tmp_path, KD_FUSE_LM_HEAD="1")
+    run([sys.executable, str(SCRIPT), str(tmp_path / "single"), "8"], tmp_path, KD_FUSE_LM_HEAD="0")
+    ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    single = json.loads((tmp_path / "single" / "result.json").read_text())
+
+    assert ddp["world_size"] == 2 and ddp["student_wrapped"] == "DistributedDataParallel"
+    assert ddp["fused_heads_checked"] == {"student": True, "teacher": True}
+    assert single["fused_heads_checked"] == {}  # below the automatic threshold: the logits path
     assert len(ddp["losses"]) == len(single["losses"]) == 4
     for key in ("losses", "loss_kd"):
         for a, b in zip(ddp[key], single[key]):

@@ -2,7 +2,8 @@
 
 Run by tests/test_distributed.py with `accelerate launch --multi_gpu --num_processes 2` (gloo DDP on CPU) and with
 plain `python` (one process, twice the per-device batch: the same global batch). An optional third argument is
-`intermediate_matches` (JSON), whose learned projections are then compared too.
+`intermediate_matches` (JSON), whose learned projections are then compared too. `KD_FUSE_LM_HEAD=1` in the
+environment forces the fused lm_head path (`kd_fuse_lm_head=True`).
 """
 
 import json
@@ -38,6 +39,7 @@ args = DistillationTrainingArguments(
     temperature=2.0,
     alpha=0.5,
     intermediate_matches=intermediate_matches,
+    kd_fuse_lm_head=True if os.environ.get("KD_FUSE_LM_HEAD") == "1" else None,
 )
 student = seeded(student_factory, 0)
 trainer = DistillationTrainer(
@@ -58,6 +60,7 @@ if trainer.is_world_process_zero():
                 "student_wrapped": type(trainer.model_wrapped).__name__,
                 "losses": [h["loss"] for h in logs],
                 "loss_kd": [h["loss_kd"] for h in logs],
+                "fused_heads_checked": trainer._fused_heads_checked,
                 "weight_norm": float(torch.cat([p.detach().flatten() for p in student.parameters()]).norm()),
                 "loss_match": {key: [h[key] for h in logs] for key in logs[0] if key.startswith("loss_match")},
                 "projection_norm": float(
