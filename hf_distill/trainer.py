@@ -728,7 +728,11 @@ class DistillationTrainer(Trainer):
     def _head_checked(self, role: str, model, head, last_hidden, last_logits) -> bool:
         """On the first batch, whether `head` on `hidden_states[-1]` reproduces the model's own (last) logits."""
         if role not in self._fused_heads_checked:
-            ok = last_hidden is not None and head_reproduces_logits(head, last_hidden[:, -1:], last_logits)
+            # Under bf16/fp16 autocast the head ran in bf16/fp16, even where its logits come back as float32.
+            reduced_precision = bool(self.args.bf16 or self.args.fp16)
+            ok = last_hidden is not None and head_reproduces_logits(
+                head, last_hidden[:, -1:], last_logits, reduced_precision=reduced_precision
+            )
             self._fused_heads_checked[role] = ok
             if not ok:
                 why = (

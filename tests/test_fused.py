@@ -425,6 +425,18 @@ def test_fused_training_logs_the_naive_losses(tmp_path, family, loss_type):
     assert fused[2]._fused_heads_checked == {"student": True, "teacher": True}
 
 
+def test_fused_under_bf16_autocast(tmp_path):
+    """Under `bf16=True` the student's logits come back float32 (accelerate converts its outputs) but were computed in
+    bf16: the first-batch head check allows for bf16 rounding, so the fused path is taken (it was refused before), and
+    it logs the naive run's losses to that rounding (the fused path forms float32 logits)."""
+    naive = train_logs(tmp_path, "naive", "gpt2", False, max_steps=3, bf16=True)
+    fused = train_logs(tmp_path, "fused", "gpt2", True, max_steps=3, bf16=True)
+    assert fused[2]._fused_heads_checked == {"student": True, "teacher": True}
+    assert len(fused[0]) == len(naive[0]) == 3
+    for fused_log, naive_log in zip(fused[0], naive[0]):
+        assert fused_log == pytest.approx(naive_log, rel=1e-2)
+
+
 @pytest.mark.parametrize("family", ["gemma2_softcap", "cohere_scale"])
 def test_softcapped_and_scaled_logits_train_alike(tmp_path, family):
     """The head's transform is read from the config (and checked on the first batch) for student and teacher."""
