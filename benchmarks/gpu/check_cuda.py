@@ -1,4 +1,5 @@
-"""Check `DistillationTrainer` on CUDA: fp32 / bf16 / fp16, the naive and chunked KD paths, float64 at high T, caches.
+"""Check `DistillationTrainer` on CUDA: fp32 / bf16 / fp16, the naive, chunked and fused KD paths, float64 at high T,
+caches.
 
 One command, a few minutes on one GPU (most of it imports and CUDA start-up; the runs themselves take seconds):
 
@@ -11,16 +12,26 @@ with `datasets.Dataset.from_dict` (rows right-padded to random lengths, padding 
 * sequence classification: BERT teacher 4 layers × 256, student 2 × 128, vocabulary 8192, 4 labels.
 
 Every run: same seeds, same data order, batch 16, AdamW lr 5e-4, `logging_steps=1` (every step's `loss`, `loss_kd`,
-`loss_ce` is logged), T = 2, alpha = 0.9, KL, unless its name says otherwise. What each run records:
+`loss_ce` is logged), T = 2, alpha = 0.9, KL, unless its name says otherwise. A GPT-2 step has 16 × 63 × 8192 ≈ 8.3M
+student logits, above `FUSED_LM_HEAD_THRESHOLD` (6 * 2**20), where `kd_fuse_lm_head=None` (the default) would take the
+fused lm_head path (`hf_distill.fused`). So every run sets `kd_fuse_lm_head` explicitly: False, except the GPT-2
+"fused" runs (True, one per precision). What each run records:
 
 * the logged losses (all finite?);
 * the output dtypes of one teacher `nn.Linear` (a forward hook): under autocast they are bf16/fp16;
 * the dtype the KD divergence is computed in (the tensors the registered divergence receives, its closed form's
-  workspace on the chunked path, and the returned KD sum): float32, float64 above T = 20;
+  workspace on the chunked and fused paths, and the returned KD sum): float32, float64 above T = 20;
+* the fused path: how often the trainer called `fused_linear_distillation_loss` (once per step in the fused runs,
+  never in the others), whether the trainer's first-batch head check passed for student and teacher
+  (`trainer._fused_heads_checked`), and the dtypes of the logits the fused loss forms per chunk
+  (`hf_distill.fused._head`) and hands to the divergence (`divergence_and_student_gradient` as `hf_distill.fused`
+  imports it): float32 in every precision;
 * time per optimizer step, CUDA-synchronised at `on_step_begin` / `on_step_end`, median after the first 5 steps.
 
-Checks (thresholds in the JSON): bf16/fp16 first-step and final loss against fp32; the naive (`kd_chunk_size=0`) and
-chunked (`kd_chunk_size=64`) paths give the same logged losses (rtol 1e-5) in fp32 at T = 2 and at T = 50 (float64);
+Checks (thresholds in the JSON): bf16/fp16 first-step and final loss against fp32 (naive); the naive
+(`kd_chunk_size=0`) and chunked (`kd_chunk_size=64`) paths give the same logged losses (rtol 1e-5) in fp32 at T = 2 and
+at T = 50 (float64); the fused path (`kd_fuse_lm_head=True`, default chunk size: 256 rows at V = 8192) gives the naive
+path's logged losses (rtol 1e-5) in fp32, ran on every step, and formed float32 logits in every precision;
 `precompute_teacher_logits(..., dtype="float32")` on the GPU, then training from the cache without a teacher, logs the
 same losses as online KD (rtol 1e-5). fp32 runs use `torch.use_deterministic_algorithms(True, warn_only=True)` so that
 two runs differ only by what they are meant to.
@@ -62,7 +73,9 @@ import hf_distill  # noqa: E402
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, precompute_teacher_logits  # noqa: E402
 from hf_distill import chunked as hf_chunked  # noqa: E402
 from hf_distill import divergences as hf_divergences  # noqa: E402
+from hf_distill import fused as hf_fused  # noqa: E402
 from hf_distill import losses as hf_losses  # noqa: E402
+from hf_distill import trainer as hf_trainer  # noqa: E402
 
 
 VOCAB = 8192
@@ -74,6 +87,7 @@ LOSS_KEYS = ("loss", "loss_kd", "loss_ce")
 # ---- what the hooks saw during the current run ----
 
 SEEN: dict[str, set] = {}
+CALLS = {"fused_loss": 0}
 
 
 def reset_seen():
@@ -85,7 +99,10 @@ def reset_seen():
         closed_form_workspace=set(),
         kd_sum=set(),
         student_logits=set(),
+        fused_logits=set(),
+        fused_divergence_input=set(),
     )
+    CALLS["fused_loss"] = 0
 
 
 def note(key, value):
@@ -125,6 +142,34 @@ def install_dtype_probes():
     hf_divergences.DISTILLATION_LOSSES["kl"] = dataclasses.replace(
         kl, value=value, value_and_gradient=value_and_gradient
     )
+
+
+def install_fused_probes():
+    """Count the trainer's calls of the fused loss; record the dtypes of the logits it forms and compares."""
+    original_loss = hf_trainer.fused_linear_distillation_loss
+    original_head = hf_fused._head
+    original_divergence = hf_fused.divergence_and_student_gradient
+
+    @functools.wraps(original_loss)
+    def fused_linear_distillation_loss(*args, **kwargs):
+        CALLS["fused_loss"] += 1
+        return original_loss(*args, **kwargs)
+
+    @functools.wraps(original_head)
+    def head(*args, **kwargs):
+        logits, derivative = original_head(*args, **kwargs)
+        note("fused_logits", logits.dtype)
+        return logits, derivative
+
+    @functools.wraps(original_divergence)
+    def divergence_and_student_gradient(student_logits, teacher_logits, **kwargs):
+        note("fused_divergence_input", student_logits.dtype)
+        note("fused_divergence_input", teacher_logits.dtype)
+        return original_divergence(student_logits, teacher_logits, **kwargs)
+
+    hf_trainer.fused_linear_distillation_loss = fused_linear_distillation_loss
+    hf_fused._head = head
+    hf_fused.divergence_and_student_gradient = divergence_and_student_gradient
 
 
 class StepTimer(TrainerCallback):
@@ -211,8 +256,9 @@ def token_rows(n, seed, task):
 # ---- one training run ----
 
 
-def run(name, task, dataset, device, steps, precision="fp32", teacher=True, **overrides):
+def run(name, task, dataset, device, steps, precision="fp32", teacher=True, kd_fuse_lm_head=False, **overrides):
     student_factory, teacher_factory, linear_of = TASKS[task]
+    overrides = {"kd_fuse_lm_head": kd_fuse_lm_head, **overrides}
     reset_seen()
     student = seeded(student_factory, 0)
     teacher_model = seeded(teacher_factory, 1) if teacher else None
@@ -278,11 +324,13 @@ def run(name, task, dataset, device, steps, precision="fp32", teacher=True, **ov
         "wall_s": wall,
         "device_of_student": str(next(trainer.model.parameters()).device),
         "device_of_teacher": str(next(trainer.teacher_model.parameters()).device) if teacher else None,
+        "fused_loss_calls": CALLS["fused_loss"],
+        "fused_heads_checked": dict(trainer._fused_heads_checked),
     }
     print(
         f"  {name:<28} loss {result['first_loss']:.5f} -> {result['final_loss']:.5f}  "
         f"{result['step_ms_median']:.1f} ms/step  teacher linear {result['dtypes']['teacher_linear']}  "
-        f"KD computed in {result['dtypes']['compute_dtype']}",
+        f"KD computed in {result['dtypes']['compute_dtype']}  fused loss calls {result['fused_loss_calls']}",
         flush=True,
     )
     return result
@@ -344,6 +392,25 @@ def check_dtypes(run_result, teacher_dtype, kd_dtype):
     )
 
 
+def check_fused_path(run_result):
+    """The fused run took the fused path on every step, and its logits were float32 whatever the precision."""
+    d = run_result["dtypes"]
+    check(
+        f"{run_result['name']}: fused path on every step (student and teacher heads checked)",
+        run_result["fused_loss_calls"] == run_result["steps"] > 0
+        and run_result["fused_heads_checked"] == {"student": True, "teacher": True},
+        fused_loss_calls=run_result["fused_loss_calls"],
+        steps=run_result["steps"],
+        fused_heads_checked=run_result["fused_heads_checked"],
+    )
+    check(
+        f"{run_result['name']}: fused logits and divergence inputs are float32",
+        d["fused_logits"] == ["float32"] and d["fused_divergence_input"] == ["float32"],
+        fused_logits=d["fused_logits"],
+        fused_divergence_input=d["fused_divergence_input"],
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -358,6 +425,7 @@ def main():
     started = time.perf_counter()
     torch.use_deterministic_algorithms(True, warn_only=True)
     install_dtype_probes()
+    install_fused_probes()
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
 
@@ -379,6 +447,7 @@ def main():
         "batch": BATCH,
         "seq_len": SEQ_LEN,
         "vocab": VOCAB,
+        "fused_lm_head_threshold": hf_trainer.FUSED_LM_HEAD_THRESHOLD,
         "deterministic_algorithms": "torch.use_deterministic_algorithms(True, warn_only=True)",
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
     }
@@ -391,12 +460,16 @@ def main():
     lm_data = token_rows(n_rows, 0, "gpt2")
     runs["gpt2_fp32_naive"] = run("gpt2_fp32_naive", "gpt2", lm_data, device, steps, kd_chunk_size=0)
     runs["gpt2_fp32_chunked"] = run("gpt2_fp32_chunked", "gpt2", lm_data, device, steps, kd_chunk_size=64)
+    runs["gpt2_fp32_fused"] = run("gpt2_fp32_fused", "gpt2", lm_data, device, steps, kd_fuse_lm_head=True)
     for precision in low_precisions:
         runs[f"gpt2_{precision}"] = run(
             f"gpt2_{precision}", "gpt2", lm_data, device, steps, precision, kd_chunk_size=0
         )
         runs[f"gpt2_{precision}_chunked"] = run(
             f"gpt2_{precision}_chunked", "gpt2", lm_data, device, steps, precision, kd_chunk_size=64
+        )
+        runs[f"gpt2_{precision}_fused"] = run(
+            f"gpt2_{precision}_fused", "gpt2", lm_data, device, steps, precision, kd_fuse_lm_head=True
         )
     runs["gpt2_fp32_T50_naive"] = run(
         "gpt2_fp32_T50_naive", "gpt2", lm_data, device, steps, kd_chunk_size=0, temperature=50.0
@@ -442,15 +515,33 @@ def main():
             result["device_of_student"].startswith(device.type),
             device=result["device_of_student"],
         )
+        if not result["settings"]["kd_fuse_lm_head"]:
+            check(
+                f"{result['name']}: kd_fuse_lm_head=False, fused path not taken",
+                result["fused_loss_calls"] == 0 and result["fused_heads_checked"] == {},
+                fused_loss_calls=result["fused_loss_calls"],
+                fused_heads_checked=result["fused_heads_checked"],
+            )
     for task in ("gpt2", "bert"):
         fp32 = runs[f"{task}_fp32_naive" if task == "gpt2" else "bert_fp32"]
         check_dtypes(fp32, "float32", "float32")
         for precision in low_precisions:
-            names = [f"{task}_{precision}"] + ([f"{task}_{precision}_chunked"] if task == "gpt2" else [])
+            names = [f"{task}_{precision}"]
+            if task == "gpt2":
+                names += [f"{task}_{precision}_chunked", f"{task}_{precision}_fused"]
             for name in names:
                 check_dtypes(runs[name], low_dtype[precision], "float32")
                 check_close_to_fp32(runs[name], fp32, first_rtol=1e-2, final_rtol=5e-2)
     check_dtypes(runs["gpt2_fp32_chunked"], "float32", "float32")
+    check_dtypes(runs["gpt2_fp32_fused"], "float32", "float32")
+    for name in ["gpt2_fp32_fused"] + [f"gpt2_{precision}_fused" for precision in low_precisions]:
+        check_fused_path(runs[name])
+    check_same_losses(
+        "gpt2 fp32: naive vs fused lm_head (kd_fuse_lm_head False vs True)",
+        runs["gpt2_fp32_fused"],
+        runs["gpt2_fp32_naive"],
+        rtol=1e-5,
+    )
     check_same_losses(
         "gpt2 fp32: naive vs chunked KD (kd_chunk_size 0 vs 64)",
         runs["gpt2_fp32_chunked"],
@@ -478,6 +569,7 @@ def main():
         rtol=1e-5,
     )
     naive, chunk = runs["gpt2_fp32_naive"]["step_ms_median"], runs["gpt2_fp32_chunked"]["step_ms_median"]
+    fused = runs["gpt2_fp32_fused"]["step_ms_median"]
 
     # ---- report ----
     print()
@@ -494,7 +586,10 @@ def main():
             if result["precision"] != "fp32"
             else "—"
         )
-        path = {0: "naive", 64: "chunked 64", None: "auto"}.get(result["settings"].get("kd_chunk_size"), "?")
+        if result["settings"]["kd_fuse_lm_head"]:
+            path = "fused lm_head"
+        else:
+            path = {0: "naive", 64: "chunked 64", None: "auto"}.get(result["settings"].get("kd_chunk_size"), "?")
         if result["settings"].get("temperature"):
             path += f", T={result['settings']['temperature']:g}"
         if result["teacher"] != "online":
@@ -513,7 +608,7 @@ def main():
     failed = [c["check"] for c in CHECKS if not c["passed"]]
     print(
         f"\n{len(CHECKS) - len(failed)}/{len(CHECKS)} checks passed; chunked/naive step time (fp32) "
-        f"{chunk / naive:.2f}; total {time.perf_counter() - started:.1f} s"
+        f"{chunk / naive:.2f}, fused/naive {fused / naive:.2f}; total {time.perf_counter() - started:.1f} s"
     )
     report = {
         "meta": meta,
@@ -521,6 +616,7 @@ def main():
         "checks": CHECKS,
         "failed": failed,
         "chunked_over_naive_step_time_fp32": chunk / naive,
+        "fused_over_naive_step_time_fp32": fused / naive,
         "total_s": time.perf_counter() - started,
     }
     os.makedirs(os.path.dirname(os.path.abspath(options.output)), exist_ok=True)
