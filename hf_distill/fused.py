@@ -13,9 +13,10 @@ cross-entropy ``CE = logsumexp(z) − z_label`` at T = 1 over the student's whol
 ``dz`` with respect to the chunk's logits (`hf_distill.chunked.divergence_and_student_gradient`: autograd on that chunk
 for a divergence registered without a closed form). ``dz`` is chained through the softcap and scale
 (``∂z/∂x = s · (1 − tanh²(s x / c))``) and accumulated at once into the gradients of ``h`` (``dz W``), ``W``
-(``dzᵀ h``) and ``b`` (``Σ_rows dz``); backward only multiplies them by the incoming gradient. Nothing of size
-``[N, V]`` outlives a chunk: the extra memory is a few float32 ``[chunk_size, V]`` tensors plus float32 copies of
-``W`` and its gradient.
+(``dzᵀ h``) and ``b`` (``Σ_rows dz``); backward only multiplies them by the incoming gradient. The matmuls with
+``W`` (forward and backward) run in the dtype the model's own head would use: the autocast dtype under autocast, else
+``W``'s; everything else in float32. Nothing of size ``[N, V]`` outlives a chunk: the extra memory is seven float32
+``[chunk_size, V]`` buffers, reused by every chunk, and a float32 sum of ``W``'s gradient.
 
 The teacher's logits come from one of
 
@@ -46,17 +47,22 @@ from .divergences import get_distillation_loss
 from .losses import IGNORE_INDEX, DistillationLossType, distillation_divergence, top_k_tail_logits
 
 
-# About 2M elements per float32 [chunk, V] work tensor (64 rows at V = 32000). A fused chunk holds about seven of them
+# About 2M elements per float32 [chunk, V] work tensor on CPU (64 rows at V = 32000). A fused chunk holds seven of them
 # (both models' logits, the gradient, the closed form's four scratch tensors): at the chunked path's 4M elements a
 # whole GPT-2 KD step at V = 32000, N = 2048 peaked 0.87 of one float32 [N, V] tensor above the same models without
 # logits, at 2M 0.29 (`benchmarks/bench_kd_step_memory.py`), in the same time: fused loss fwd + bwd at N = 2048,
 # H = 256, one thread, alternated medians 2.50 s (2M) vs 2.61 s (4M); 1M elements was 11 % slower than 2M.
 _FUSED_CHUNK_ELEMENTS = 1 << 21
+# On a GPU, 32M (261 rows at V = 128256, about Liger-Kernel's 256): a chunk of a few dozen rows leaves the head's
+# matmuls too small to fill the device, and 7 × 128 MiB of workspace is small beside its memory.
+_FUSED_CHUNK_ELEMENTS_ACCELERATOR = 1 << 25
 
 
-def default_fused_chunk_size(vocab_size: int) -> int:
-    """Rows per fused chunk: about 2M elements per float32 ``[chunk_size, V]`` work tensor (at least 1 row)."""
-    return max(1, _FUSED_CHUNK_ELEMENTS // max(1, vocab_size))
+def default_fused_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
+    """Rows per fused chunk: about 2M elements per float32 ``[chunk_size, V]`` work tensor on CPU, 32M on an
+    accelerator (at least 1 row)."""
+    elements = _FUSED_CHUNK_ELEMENTS if torch.device(device).type == "cpu" else _FUSED_CHUNK_ELEMENTS_ACCELERATOR
+    return max(1, elements // max(1, vocab_size))
 
 
 class FusedDistillationLoss(NamedTuple):
@@ -103,11 +109,14 @@ class _Settings:
 
 
 def _head(hidden, weight, bias, scale: float, softcap: float | None, out: torch.Tensor | None = None):
-    """``(z, ∂z/∂x)`` for float32 ``hidden [C, H]``, ``weight [V, H]``: the logits as the model forms them (scale, then
-    ``c · tanh(x / c)``) and their elementwise derivative with respect to the head's output (None when it is 1).
-    ``out``: an optional ``[C, V]`` float32 buffer for ``z`` (a chunk's logits then allocate nothing)."""
+    """``(z, ∂z/∂x)`` for ``hidden [C, H]``, ``weight [V, H]`` (+ ``bias``) of one dtype, the matmul's: the float32
+    logits as the model forms them (scale, then ``c · tanh(x / c)``) and their elementwise derivative with respect to
+    the head's output (None when it is 1). ``out``: an optional ``[C, V]`` float32 buffer for ``z`` (a chunk's logits
+    then allocate nothing float32)."""
     if out is None:
-        logits = F.linear(hidden, weight, bias)
+        logits = F.linear(hidden, weight, bias).float()
+    elif weight.dtype != torch.float32:  # a bf16/fp16 product, as the model's own head gives it, then float32
+        logits = out.copy_(F.linear(hidden, weight, bias))
     elif bias is None:
         logits = torch.mm(hidden, weight.t(), out=out)
     else:
@@ -129,7 +138,7 @@ def _teacher_chunk(settings: _Settings, rows, width: int, out: torch.Tensor):
     if settings.teacher_logits is not None:
         return settings.teacher_logits[rows]
     logits, _ = _head(
-        settings.teacher_hidden[rows].float(),
+        settings.teacher_hidden[rows].to(settings.teacher_weight.dtype),
         settings.teacher_weight,
         settings.teacher_bias,
         settings.teacher_logit_scale,
@@ -223,20 +232,40 @@ def _cross_entropy(logits, labels, gradient, weight: float, *, accumulate: bool,
     return values, True
 
 
+def _matmul_operand(tensor, dtype, like=None):
+    """``tensor`` in the matmul's dtype: ``dtype`` (autocast's, for floating tensors) if given, else ``like``'s or its
+    own. None stays None."""
+    if tensor is None:
+        return None
+    if dtype is None:
+        dtype = tensor.dtype if like is None else like.dtype
+    return tensor.to(dtype)
+
+
 class _FusedLinearDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, settings: _Settings):
-        # float32 per chunk whatever the surrounding autocast (which would run the head's matmuls in bf16/fp16)
-        with torch.autocast(hidden.device.type, enabled=False):
-            return _FusedLinearDistillation._forward(ctx, hidden, weight, bias, settings)
+        # The heads' matmuls run in the dtype the models' own heads would: the autocast dtype under autocast, else the
+        # weight's (float32 for a float32 model, bf16 for a bf16 one). Everything after them runs in float32.
+        device_type = hidden.device.type
+        autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        settings = dataclasses.replace(
+            settings,
+            teacher_weight=_matmul_operand(settings.teacher_weight, autocast_dtype),
+            teacher_bias=_matmul_operand(settings.teacher_bias, autocast_dtype, settings.teacher_weight),
+        )
+        with torch.autocast(device_type, enabled=False):
+            return _FusedLinearDistillation._forward(
+                ctx, hidden, _matmul_operand(weight, autocast_dtype), bias, settings, weight
+            )
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, settings: _Settings):
+    def _forward(ctx, hidden, weight_m, bias, settings: _Settings, weight):
         needs = ctx.needs_input_grad[:3]
         with_gradient = any(needs)
         device = hidden.device
-        weight32 = weight.float()
-        bias32 = bias.float() if bias is not None else None
+        matmul_dtype = weight_m.dtype
+        bias_m = _matmul_operand(bias, matmul_dtype)
         counted_ce = settings.labels.ne(IGNORE_INDEX) if settings.labels is not None else None
         counted = settings.mask if counted_ce is None else settings.mask | counted_ce
         rows_all = counted.nonzero().squeeze(-1)  # gathered first: padding costs nothing
@@ -251,19 +280,19 @@ class _FusedLinearDistillation(torch.autograd.Function):
         grad_hidden = grad_weight = grad_bias = None
         if with_gradient:
             grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if needs[0] else None
-            grad_weight = torch.zeros_like(weight32) if needs[1] else None
-            grad_bias = torch.zeros_like(bias32) if needs[2] else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) if needs[1] else None
+            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=device) if needs[2] else None
         chunk_size = settings.chunk_size
         teacher_width = settings.teacher_weight.shape[0] if settings.teacher_weight is not None else 0
         workspace = _Workspace(min(chunk_size, max(1, len(rows_all))), max(weight.shape[0], teacher_width), device)
         for start in range(0, len(rows_all), chunk_size):
             rows = slice(start, start + chunk_size) if every_row else rows_all[start : start + chunk_size]
-            hidden_rows = hidden[rows].float()
+            hidden_rows = hidden[rows].to(matmul_dtype)
             num_rows = hidden_rows.shape[0]
             logits, derivative = _head(
                 hidden_rows,
-                weight32,
-                bias32,
+                weight_m,
+                bias_m,
                 settings.student_logit_scale,
                 settings.student_softcap,
                 out=workspace.slot(5, num_rows, weight.shape[0]),
@@ -301,15 +330,22 @@ class _FusedLinearDistillation(torch.autograd.Function):
                 continue
             if derivative is not None:
                 gradient = gradient.mul_(derivative)
-            if grad_hidden is not None:
-                if every_row:
-                    torch.mm(gradient, weight32, out=grad_hidden[rows])
-                else:
-                    grad_hidden.index_copy_(0, rows, gradient @ weight32)
-            if grad_weight is not None:
-                grad_weight.addmm_(gradient.t(), hidden_rows)
             if grad_bias is not None:
                 grad_bias += gradient.sum(0)
+            # The matmuls of the head's backward in its forward's dtype, as autograd would run them; sums in float32.
+            gradient = gradient.to(matmul_dtype)
+            if grad_hidden is not None:
+                if every_row and matmul_dtype == torch.float32:
+                    torch.mm(gradient, weight_m, out=grad_hidden[rows])
+                elif every_row:
+                    grad_hidden[rows] = gradient @ weight_m
+                else:
+                    grad_hidden.index_copy_(0, rows, (gradient @ weight_m).float())
+            if grad_weight is not None:
+                if matmul_dtype == torch.float32:
+                    grad_weight.addmm_(gradient.t(), hidden_rows)
+                else:
+                    grad_weight += gradient.t() @ hidden_rows
         loss = settings.kd_weight * kd_sum + settings.ce_weight * ce_sum
         if with_gradient:
             ctx.grads = (
@@ -377,8 +413,8 @@ def fused_linear_distillation_loss(
             and the teacher's logits); default ``V_s``. The label term always uses the student's whole ``V_s``.
         student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap: the models' post-head transforms
             (``config.logit_scale``, ``config.final_logit_softcapping``); 1.0 / None for none.
-        chunk_size: rows per chunk; default :func:`default_fused_chunk_size` of ``V_s`` (about 2M elements per work
-            tensor).
+        chunk_size: rows per chunk; default :func:`default_fused_chunk_size` of ``V_s`` and the device (about 2M
+            elements per work tensor on CPU, 32M on a GPU).
 
     Returns:
         :class:`FusedDistillationLoss` ``(loss, kd_sum, ce_sum, teacher_nonfinite)``. The gradients are computed during
@@ -415,7 +451,7 @@ def fused_linear_distillation_loss(
     if mask.shape != (num_rows,) or (labels is not None and labels.shape != (num_rows,)):
         raise ValueError(f"mask and labels must be [N] = [{num_rows}].")
     get_distillation_loss(loss_type)  # an unknown name fails here
-    chunk_size = default_fused_chunk_size(vocab) if chunk_size is None else chunk_size
+    chunk_size = default_fused_chunk_size(vocab, student_hidden.device) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
 
@@ -426,8 +462,8 @@ def fused_linear_distillation_loss(
         mask=mask,
         labels=constant(labels),
         teacher_hidden=constant(teacher_hidden),
-        teacher_weight=None if teacher_weight is None else teacher_weight.detach().float(),
-        teacher_bias=None if teacher_bias is None else teacher_bias.detach().float(),
+        teacher_weight=constant(teacher_weight),
+        teacher_bias=constant(teacher_bias),
         teacher_logits=constant(teacher_logits),
         top_k_ids=constant(top_k_ids),
         top_k_logprobs=constant(top_k_logprobs),

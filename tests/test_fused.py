@@ -272,19 +272,71 @@ def test_tied_embeddings_and_bfloat16():
     torch.testing.assert_close(fused_loss, naive_loss, rtol=1e-5, atol=0)
     assert_close_relative(fused_grad, naive_grad)
 
+    # A bf16 model: its head's matmuls run in bf16 (forward and backward, as autograd runs them), the loss in float32.
     hidden = torch.randn(N, H, dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(VOCAB, H, dtype=torch.bfloat16, requires_grad=True)
     result = fused_linear_distillation_loss(hidden, weight, teacher_logits=teacher.bfloat16(), chunk_size=4)
     result.loss.backward()
     assert result.loss.dtype == torch.float32
     assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
-    reference_hidden = hidden.detach().float().requires_grad_()
+    reference_hidden, reference_weight = (t.detach().clone().requires_grad_() for t in (hidden, weight))
     reference = losses.distillation_divergence(
-        F.linear(reference_hidden, weight.detach().float()), teacher.bfloat16().float(), temperature=1.0
+        F.linear(reference_hidden, reference_weight), teacher.bfloat16(), temperature=1.0
     ).sum()
     reference.backward()
     torch.testing.assert_close(result.loss, reference, rtol=1e-5, atol=0)
-    torch.testing.assert_close(hidden.grad.float(), reference_hidden.grad, rtol=2e-2, atol=1e-2)
+    for actual, wanted in ((hidden.grad, reference_hidden.grad), (weight.grad, reference_weight.grad)):
+        torch.testing.assert_close(actual.float(), wanted.float(), rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_the_heads_in_its_dtype(dtype):
+    """Under autocast the logits path multiplies in bf16/fp16 (float32 weights); the fused path does the same, and hands
+    back float32 gradients for float32 parameters."""
+    inputs = make_inputs()
+    settings = dict(kd_weight=0.7, ce_weight=0.3, temperature=2.0)
+    with torch.autocast("cpu", dtype=dtype):
+        expected, _, _ = naive(
+            inputs,
+            source="online",
+            vocab_size=VOCAB,
+            scale=1.0,
+            softcap=None,
+            use_labels=True,
+            loss_type="kl",
+            **settings,
+        )
+        expected_grads = gradients(expected, inputs)
+        result = fused_linear_distillation_loss(
+            inputs["student_hidden"],
+            inputs["student_weight"],
+            inputs["student_bias"],
+            inputs["mask"],
+            labels=inputs["labels"],
+            vocab_size=VOCAB,
+            chunk_size=4,
+            **teacher_arguments(inputs, "online", VOCAB),
+            **settings,
+        )
+        actual_grads = gradients(result.loss, inputs)
+    # 1e-4: the test's teacher scales and softcaps its logits, in bf16/fp16 on the logits path, in float32 here.
+    torch.testing.assert_close(result.loss, expected.float(), rtol=1e-4, atol=0)
+    for actual, wanted in zip(actual_grads, expected_grads):
+        assert actual.dtype == torch.float32
+        assert_close_relative(actual, wanted, rtol=1e-2)
+    float32 = fused_linear_distillation_loss(
+        inputs["student_hidden"],
+        inputs["student_weight"],
+        inputs["student_bias"],
+        inputs["mask"],
+        labels=inputs["labels"],
+        vocab_size=VOCAB,
+        chunk_size=4,
+        **teacher_arguments(inputs, "online", VOCAB),
+        **settings,
+    )
+    # The products really were rounded: the float32 heads are much further from the logits path under autocast.
+    assert 5 * (result.loss - expected).abs() < (float32.loss - expected).abs()
 
 
 def test_no_grad_gives_the_values():

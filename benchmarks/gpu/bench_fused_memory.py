@@ -10,7 +10,8 @@ for their code and setup, not a measurement of this library.
 Inputs, the same in every method (a seeded generator on the device): student hidden states ``h [N, H]`` and head
 ``W [V, H]`` (both require grad), teacher hidden states ``[N, H]`` and head ``[V, H]`` (constants), labels ``[N]``.
 Logits have standard deviation 1 (student) and 2 (teacher). Each dtype in ``--dtypes`` gives all four in that dtype, as
-a model in that dtype would hand them over; the library computes in float32 internally. The loss is
+a model in that dtype would hand them over: the heads' matmuls run in that dtype (in every method, as the model's own
+head would), everything after them in float32. The loss is
 ``0.5 · Σ T² · KL(q ‖ p) + 0.5 · Σ CE`` at T = 2 over all N rows, then ``backward()``:
 
 * ``naive``: student logits ``h Wᵀ`` in full, teacher logits in full under ``no_grad``, then
@@ -27,12 +28,12 @@ Each (dtype, method) runs in a fresh subprocess, so one method's peak never incl
   units of one float32 ``[N, V]`` tensor (4.2 GB at the default shape). GB = 10^9 bytes. n/a on CPU;
 * time per forward + backward: CUDA events (wall clock on CPU), 2 warm-up passes, median of 5;
 * the loss (and its KD and label sums) and the norms of the two gradients; chunked and fused must give naive's loss
-  within a relative 1e-4 in float32 and 1e-2 in bfloat16/float16 (naive and chunked then form bf16 logits, fused
-  float32 ones). The gradient norms' differences are reported, not checked.
+  within a relative 1e-4 in float32 and 1e-2 in bfloat16/float16. The gradient norms' differences are reported, not
+  checked.
 
 Expected on one H200, not measured yet: about 1.5 minutes in all (six subprocesses of a few seconds' start-up each; a
-float32 forward + backward at this shape is several hundred ms, the fused one probably 1-2 s in either dtype, since it
-multiplies in float32, 16 rows per chunk by default at this V). ``--child_timeout`` (300 s) bounds each subprocess.
+float32 forward + backward at this shape is several hundred ms; the fused path's default chunk on a GPU is 261 rows at
+this V). ``--child_timeout`` (300 s) bounds each subprocess.
 The exit status is 1 when a measurement fails or the losses disagree.
 """
 
@@ -166,7 +167,7 @@ def measure(options) -> dict:
     }
     nv_float32_bytes = rows * vocab * 4
     if method == "fused":
-        chunk_size = options.fused_chunk_size or default_fused_chunk_size(vocab)
+        chunk_size = options.fused_chunk_size or default_fused_chunk_size(vocab, device)
     elif method == "chunked":
         chunk_size = default_chunk_size(vocab)
     else:
