@@ -146,6 +146,7 @@ def worker(kind: str, precision: str, device: str, output_dir: str) -> None:
         temperature=2.0,
         alpha=0.9,
         bf16=precision == "bf16",
+        kd_fuse_lm_head=False,  # FSDP/DeepSpeed runs cannot fuse the head: the plain runs compare like with like
         **extra,
     )
     seen_dtypes = set()  # the dtype of the teacher's logits layer output: autocast reached it, or not
