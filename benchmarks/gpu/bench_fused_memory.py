@@ -32,7 +32,7 @@ Each (dtype, method) runs in a fresh subprocess, so one method's peak never incl
   checked.
 
 Expected on one H200, not measured yet: about 1.5 minutes in all (six subprocesses of a few seconds' start-up each; a
-float32 forward + backward at this shape is several hundred ms; the fused path's default chunk on a GPU is 261 rows at
+float32 forward + backward at this shape is several hundred ms; the fused path's default chunk on a GPU is 1046 rows at
 this V). ``--child_timeout`` (300 s) bounds each subprocess.
 The exit status is 1 when a measurement fails or the losses disagree.
 """
