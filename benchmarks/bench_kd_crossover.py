@@ -10,10 +10,10 @@ Two comparisons, float32 on CPU, each variant timed alternately with the others 
   ``F.linear`` and taking the same two terms on them (naive or chunked KD, as the trainer would) + autograd; this sets
   ``FUSED_LM_HEAD_THRESHOLD``, the size from which ``kd_fuse_lm_head=None`` fuses.
 
-The machine these figures come from is shared and busy: absolute times drift, ratios within one round much less. One
+Absolute times drift between runs (and a lot on a shared, busy machine); ratios within one round much less. One
 torch thread by default (two threads contending with other jobs made single timings swing by 2×).
 
-    python benchmarks/bench_kd_crossover.py --repeats 7      # ~5 min on a busy core; results/kd_crossover.json
+    python benchmarks/bench_kd_crossover.py --repeats 7 --memory   # ~6 min idle; results/kd_crossover.json
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def main():
             platform=platform.platform(),
             torch=torch.__version__,
             threads=torch.get_num_threads(),
-            note="shared, busy machine: ratios only",
+            note="ratios only: absolute times drift between runs",
         ),
         loss_type=args.loss_type,
         repeats=args.repeats,

@@ -1,7 +1,7 @@
-"""What distillation costs per step beyond the student's own training (issue 5's two ratios).
+"""What distillation costs per step beyond the student's own training.
 
 1. cached ratio = step time of KD from cached teacher logits / step time of plain `Trainer` (same student, data,
-   batch): the price of the KD term alone, the teacher never runs. Target ≤ 1.05.
+   batch): the price of the KD term alone, the teacher never runs. Target ≤ 1.05 (MNIST), ≤ 1.10 (causal LMs).
 2. online ratio = step time of online KD / (plain `Trainer` step time + teacher forward time on the same batch):
    anything above 1 is overhead beyond the teacher's own forward. Target ≤ 1.05.
 
@@ -13,6 +13,16 @@ time is measured on the same batches under `torch.no_grad`.
 
     python benchmarks/bench_teacher_overhead.py          # prints a table, writes benchmarks/results/teacher_overhead.json
     python benchmarks/bench_teacher_overhead.py --pairs gpt2_realistic --results_name teacher_overhead_realistic
+    python benchmarks/bench_teacher_overhead.py --pairs gpt2,gpt2_realistic --breakdown_only --results_name teacher_overhead_breakdown
+
+`--breakdown` (or `--breakdown_only`, which skips the step timings) also times, for the causal-LM pairs, what a KD step
+adds to the loss itself, outside the trainer: on random hidden states of the pair's shape (``N = 8 × 127`` counted
+positions), forward + backward, alternating, median of 7 after 2 warm-ups, of (a) the student head + label
+cross-entropy, which the plain step computes too; (b) the teacher head alone (in the teacher's forward); (c) the fused
+KD + label loss the trainer runs (alpha 0.5, T 2, forward KL) from the online teacher's hidden states, and (d) from a
+float16 cache, and (e) reading one batch of such a cache through `datasets` (an ``Array2D`` float16 column of
+``[127, V]`` rows, as `precompute_teacher_logits` writes it, torch format, then concatenated as the trainer's collator
+does). (c) − (a) − (b) and (d) − (a) are the KD term's own cost in each mode.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from pathlib import Path
 
 import datasets
 import torch
+import torch.nn.functional as F
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -43,6 +54,7 @@ from hf_distill import (
     MLPForImageClassification,
     precompute_teacher_logits,
 )
+from hf_distill.fused import fused_linear_distillation_loss
 
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -120,8 +132,8 @@ def causal_lm_pair():
 
 
 def realistic_causal_lm_pair():
-    # 240 rows: the 30 steps of batch 8 a default run takes (a float16 cache of 128 × 32000 logits is 8 MB per row).
-    return gpt2_pair(32000, (8, 512), (4, 512), rows=240)
+    # 280 rows: the 5 + 30 steps of batch 8 a default run takes (a float16 cache of 128 × 32000 logits is 8 MB per row).
+    return gpt2_pair(32000, (8, 512), (4, 512), rows=280)
 
 
 def measure(name, pair, rounds: int, steps: int, warmup: int) -> dict:
@@ -174,6 +186,65 @@ def measure(name, pair, rounds: int, steps: int, warmup: int) -> dict:
     }
 
 
+def loss_breakdown(name, pair, repeats: int = 7, warmup: int = 2) -> dict:
+    """Forward + backward times (ms) of the loss pieces of one KD step at the pair's shape (see the module docstring)."""
+    teacher, student, _, batch_size = pair()
+    if not isinstance(student, GPT2LMHeadModel):
+        return {}
+    generator = torch.Generator().manual_seed(0)
+    rows = batch_size * 127
+    weight = student.lm_head.weight.detach().clone().requires_grad_()
+    teacher_weight = teacher.lm_head.weight.detach()
+    hidden = torch.randn(rows, weight.shape[1], generator=generator).requires_grad_()
+    teacher_hidden = torch.randn(rows, teacher_weight.shape[1], generator=generator)
+    labels = torch.randint(0, weight.shape[0], (rows,), generator=generator)
+    cache = (teacher_hidden @ teacher_weight.t()).half()
+    settings = dict(labels=labels, kd_weight=0.5, ce_weight=0.5, temperature=2.0)
+
+    def student_head():
+        F.cross_entropy(hidden @ weight.t(), labels).backward()
+
+    def teacher_head():
+        with torch.no_grad():
+            teacher_hidden @ teacher_weight.t()
+
+    def fused_online():
+        fused_linear_distillation_loss(
+            hidden, weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, **settings
+        ).loss.backward()
+
+    def fused_cached():
+        fused_linear_distillation_loss(hidden, weight, teacher_logits=cache, **settings).loss.backward()
+
+    vocab = weight.shape[0]
+    stored = datasets.Dataset.from_dict(
+        {"teacher_logits": [cache[i * 127 : (i + 1) * 127].numpy() for i in range(batch_size)]},
+        features=datasets.Features({"teacher_logits": datasets.Array2D((None, vocab), "float16")}),
+    ).with_format("torch")
+
+    def cache_read():
+        torch.cat([row["teacher_logits"] for row in stored.__getitems__(list(range(batch_size)))])
+
+    pieces = {"student_head_ce": student_head, "teacher_head": teacher_head}
+    pieces.update(fused_online=fused_online, fused_cached=fused_cached, cache_read=cache_read)
+    times = {key: [] for key in pieces}
+    for index in range(warmup + repeats):  # alternating, so drift hits every piece alike
+        for key, piece in pieces.items():
+            hidden.grad = weight.grad = None
+            start = time.perf_counter()
+            piece()
+            if index >= warmup:
+                times[key].append(1e3 * (time.perf_counter() - start))
+    median = {key: statistics.median(values) for key, values in times.items()}
+    return {
+        "name": name,
+        "rows": rows,
+        "median_ms": median,
+        "kd_cost_online_ms": median["fused_online"] - median["student_head_ce"] - median["teacher_head"],
+        "kd_cost_cached_ms": median["fused_cached"] - median["student_head_ce"],
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -183,18 +254,41 @@ def main():
     parser.add_argument(
         "--pairs", default="mnist,gpt2", help="Comma-separated: mnist, gpt2 (4x256 -> 2x128, V=8192), gpt2_realistic."
     )
+    parser.add_argument("--breakdown", action="store_true", help="also time the loss pieces (see the docstring)")
+    parser.add_argument("--breakdown_only", action="store_true", help="only the loss pieces, no step timings")
     options = parser.parse_args()
     pairs = {
         "mnist": ("MNIST MLP 2x1200 -> 2x800", mnist_pair),
         "gpt2": ("GPT-2 4L/256 -> 2L/128, V=8192", causal_lm_pair),
         "gpt2_realistic": ("GPT-2 8L/512 -> 4L/512, V=32000", realistic_causal_lm_pair),
     }
-    results = [measure(*pairs[key], options.rounds, options.steps, options.warmup) for key in options.pairs.split(",")]
-    print(
-        "| pair | plain step (ms) | cached KD step (ms) | online KD step (ms) | teacher fwd (ms) | "
-        "cached / plain | online / (plain + teacher fwd) |"
+    keys = options.pairs.split(",")
+    breakdown = []
+    if options.breakdown or options.breakdown_only:
+        breakdown = [piece for piece in (loss_breakdown(*pairs[key]) for key in keys) if piece]
+        print(
+            "| pair | (a) student head + CE | (b) teacher head | (c) fused, online | (d) fused, cached | "
+            "(e) cache read | KD cost online (c − a − b) | KD cost cached (d − a) |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for piece in breakdown:
+            m = piece["median_ms"]
+            print(
+                f"| {piece['name']} | {m['student_head_ce']:.1f} | {m['teacher_head']:.1f} | {m['fused_online']:.1f} | "
+                f"{m['fused_cached']:.1f} | {m['cache_read']:.1f} | {piece['kd_cost_online_ms']:.1f} | "
+                f"{piece['kd_cost_cached_ms']:.1f} |"
+            )
+    results = (
+        []
+        if options.breakdown_only
+        else [measure(*pairs[key], options.rounds, options.steps, options.warmup) for key in keys]
     )
-    print("|---|---|---|---|---|---|---|")
+    if results:
+        print(
+            "| pair | plain step (ms) | cached KD step (ms) | online KD step (ms) | teacher fwd (ms) | "
+            "cached / plain | online / (plain + teacher fwd) |"
+        )
+        print("|---|---|---|---|---|---|---|")
     for r in results:
         m = r["median_step_seconds"]
         print(
@@ -209,6 +303,7 @@ def main():
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
                 "options": vars(options),
                 "results": results,
+                "breakdown": breakdown,
             },
             indent=2,
         )

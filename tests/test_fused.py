@@ -295,6 +295,20 @@ def test_autocast_runs_the_heads_in_its_dtype(dtype):
     back float32 gradients for float32 parameters."""
     inputs = make_inputs()
     settings = dict(kd_weight=0.7, ce_weight=0.3, temperature=2.0)
+
+    def fused():
+        return fused_linear_distillation_loss(
+            inputs["student_hidden"],
+            inputs["student_weight"],
+            inputs["student_bias"],
+            inputs["mask"],
+            labels=inputs["labels"],
+            vocab_size=VOCAB,
+            chunk_size=4,
+            **teacher_arguments(inputs, "online", VOCAB),
+            **settings,
+        )
+
     with torch.autocast("cpu", dtype=dtype):
         expected, _, _ = naive(
             inputs,
@@ -307,34 +321,14 @@ def test_autocast_runs_the_heads_in_its_dtype(dtype):
             **settings,
         )
         expected_grads = gradients(expected, inputs)
-        result = fused_linear_distillation_loss(
-            inputs["student_hidden"],
-            inputs["student_weight"],
-            inputs["student_bias"],
-            inputs["mask"],
-            labels=inputs["labels"],
-            vocab_size=VOCAB,
-            chunk_size=4,
-            **teacher_arguments(inputs, "online", VOCAB),
-            **settings,
-        )
+        result = fused()
         actual_grads = gradients(result.loss, inputs)
     # 1e-4: the test's teacher scales and softcaps its logits, in bf16/fp16 on the logits path, in float32 here.
     torch.testing.assert_close(result.loss, expected.float(), rtol=1e-4, atol=0)
     for actual, wanted in zip(actual_grads, expected_grads):
         assert actual.dtype == torch.float32
         assert_close_relative(actual, wanted, rtol=1e-2)
-    float32 = fused_linear_distillation_loss(
-        inputs["student_hidden"],
-        inputs["student_weight"],
-        inputs["student_bias"],
-        inputs["mask"],
-        labels=inputs["labels"],
-        vocab_size=VOCAB,
-        chunk_size=4,
-        **teacher_arguments(inputs, "online", VOCAB),
-        **settings,
-    )
+    float32 = fused()
     # The products really were rounded: the float32 heads are much further from the logits path under autocast.
     assert 5 * (result.loss - expected).abs() < (float32.loss - expected).abs()
 
@@ -480,7 +474,7 @@ def test_fused_training_logs_the_naive_losses(tmp_path, family, loss_type):
 def test_fused_under_bf16_autocast(tmp_path):
     """Under `bf16=True` the student's logits come back float32 (accelerate converts its outputs) but were computed in
     bf16: the first-batch head check allows for bf16 rounding, so the fused path is taken (it was refused before), and
-    it logs the naive run's losses to that rounding (the fused path forms float32 logits)."""
+    it logs the naive run's losses to that rounding."""
     naive = train_logs(tmp_path, "naive", "gpt2", False, max_steps=3, bf16=True)
     fused = train_logs(tmp_path, "fused", "gpt2", True, max_steps=3, bf16=True)
     assert fused[2]._fused_heads_checked == {"student": True, "teacher": True}
