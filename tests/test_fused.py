@@ -120,6 +120,18 @@ def assert_close_relative(actual, expected, rtol=1e-5):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(expected.abs().max().item(), 1e-30))
 
 
+def fused_on(inputs, **options):
+    """`fused_linear_distillation_loss` on `make_inputs`' student tensors, mask and labels."""
+    return fused_linear_distillation_loss(
+        inputs["student_hidden"],
+        inputs["student_weight"],
+        inputs["student_bias"],
+        inputs["mask"],
+        labels=inputs["labels"],
+        **options,
+    )
+
+
 CASES = [
     # (source, loss_type, temperature, kd_weight, ce_weight, padded, scale, softcap, bias, chunk_size)
     ("online", "kl", 2.0, 0.9, 0.1, False, 1.0, None, True, 4),
@@ -151,12 +163,8 @@ def test_value_and_gradients_equal_naive(case):
         inputs, source=source, vocab_size=vocab_size, scale=scale, softcap=softcap, use_labels=use_labels, **settings
     )
     expected_grads = gradients(expected, inputs)
-    result = fused_linear_distillation_loss(
-        inputs["student_hidden"],
-        inputs["student_weight"],
-        inputs["student_bias"],
-        inputs["mask"],
-        labels=inputs["labels"],
+    result = fused_on(
+        inputs,
         jsd_beta=JSD_BETA,
         vocab_size=vocab_size if padded or source == "online" else None,
         student_logit_scale=scale,
@@ -193,12 +201,8 @@ def test_every_row_counted_equals_naive(source):
             inputs, source=source, vocab_size=VOCAB, scale=1.0, softcap=None, use_labels=True, **settings
         )
     expected_grads = gradients(expected, inputs)
-    result = fused_linear_distillation_loss(
-        inputs["student_hidden"],
-        inputs["student_weight"],
-        inputs["student_bias"],
-        inputs["mask"],
-        labels=inputs["labels"],
+    result = fused_on(
+        inputs,
         vocab_size=VOCAB,
         chunk_size=4,
         **teacher,
@@ -297,16 +301,8 @@ def test_autocast_runs_the_heads_in_its_dtype(dtype):
     settings = dict(kd_weight=0.7, ce_weight=0.3, temperature=2.0)
 
     def fused():
-        return fused_linear_distillation_loss(
-            inputs["student_hidden"],
-            inputs["student_weight"],
-            inputs["student_bias"],
-            inputs["mask"],
-            labels=inputs["labels"],
-            vocab_size=VOCAB,
-            chunk_size=4,
-            **teacher_arguments(inputs, "online", VOCAB),
-            **settings,
+        return fused_on(
+            inputs, vocab_size=VOCAB, chunk_size=4, **teacher_arguments(inputs, "online", VOCAB), **settings
         )
 
     with torch.autocast("cpu", dtype=dtype):
