@@ -88,13 +88,14 @@ logger = logging.get_logger(__name__)
 
 # Above this many elements in the token-level KD logits, `kd_chunk_size=None` chunks the loss (the naive loss holds ~5
 # float32 copies of them for backward). Measured (`benchmarks/bench_kd_crossover.py`, float32 fwd+bwd, one thread of a
-# busy 2-core CPU, two runs, chunked / naive time): 1.0-1.8 up to 4M elements (per-call overhead, small tensors),
-# 0.9-1.0 at 6.3M (768 × 8192), 0.6-0.95 at 8.2M-8.3M (1016 × 8192: 0.70-0.87), 0.35 at 16M, 0.25-0.28 from 33M.
+# 2-core CPU, two busy and two idle runs, chunked / naive time): 1.0-1.8 up to 4M elements (per-call overhead, small
+# tensors; single outliers to 2.4 at one chunk's size), 0.9-1.0 at 6.3M (768 × 8192), 0.6-0.95 at 8.2M-8.3M
+# (1016 × 8192: 0.68-0.87), 0.35 at 16M, 0.23-0.31 from 33M.
 CHUNKED_KD_THRESHOLD = 6 << 20
 # From this many elements in the student's logits [B, L, V], `kd_fuse_lm_head=None` fuses its output head with the loss
-# (`hf_distill.fused`) on training steps. Same script (H = 256, online teacher, KD + label term; fused / logits): 0.8-1.2
-# up to 4M (its fixed per-chunk memory then exceeds the logits'), 0.7-1.0 at 6.3M with 0.64× the peak memory,
-# 0.65-0.85 from 8M to 65M, the peak memory ≈ 1× at 8M, 0.34× at 33M, 0.15× at 65M.
+# (`hf_distill.fused`) on training steps. Same script (H = 256, online teacher, KD + label term; fused / logits): 0.6-1.3
+# up to 2M, 0.63-0.64 at 4.2M (idle runs; 1.14 busy), 0.64-1.0 at 6.3M, 0.65-1.1 from 8M to 65M; since its buffers are
+# one reused workspace its peak stays at 82-106 MiB from 4M to 65M, against 144 MiB -> 1.5 GiB for the logits path.
 FUSED_LM_HEAD_THRESHOLD = 6 << 20
 
 
