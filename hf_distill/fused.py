@@ -15,7 +15,7 @@ for a divergence registered without a closed form). ``dz`` is chained through th
 (``∂z/∂x = s · (1 − tanh²(s x / c))``) and accumulated at once into the gradients of ``h`` (``dz W``), ``W``
 (``dzᵀ h``) and ``b`` (``Σ_rows dz``); backward only multiplies them by the incoming gradient. The matmuls with
 ``W`` (forward and backward) run in the dtype the model's own head would use: the autocast dtype under autocast, else
-``W``'s; everything else in float32. Nothing of size ``[N, V]`` outlives a chunk: the extra memory is seven float32
+``W``'s (float16's backward in float32); everything else in float32. Nothing of size ``[N, V]`` outlives a chunk: the extra memory is seven float32
 ``[chunk_size, V]`` buffers, reused by every chunk, and a float32 sum of ``W``'s gradient.
 
 The teacher's logits come from one of
@@ -267,6 +267,10 @@ class _FusedLinearDistillation(torch.autograd.Function):
         device = hidden.device
         matmul_dtype = weight_m.dtype
         bias_m = _matmul_operand(bias, matmul_dtype)
+        # float16's backward runs in float32: the gradient of the loss's sum (the trainer's 1/N and an fp16 GradScaler's
+        # scale only come in backward) can fall below float16's range, where autograd's scaled one would not.
+        backward_dtype = torch.float32 if matmul_dtype == torch.float16 else matmul_dtype
+        backward_weight = weight_m.to(backward_dtype) if with_gradient else None
         counted_ce = settings.labels.ne(IGNORE_INDEX) if settings.labels is not None else None
         counted = settings.mask if counted_ce is None else settings.mask | counted_ce
         rows_all = counted.nonzero().squeeze(-1)  # gathered first: padding costs nothing
@@ -333,18 +337,20 @@ class _FusedLinearDistillation(torch.autograd.Function):
                 gradient = gradient.mul_(derivative)
             if grad_bias is not None:
                 grad_bias += gradient.sum(0)
-            # The matmuls of the head's backward in its forward's dtype, as autograd would run them; sums in float32.
-            gradient = gradient.to(matmul_dtype)
+            # The head's backward matmuls in its forward's dtype, as autograd would run them (float16's in float32, see
+            # `backward_dtype`); sums in float32.
+            if backward_dtype != torch.float32:
+                gradient, hidden_rows = gradient.to(backward_dtype), hidden_rows.to(backward_dtype)
             if grad_hidden is not None:
-                if every_row and matmul_dtype == torch.float32:
-                    torch.mm(gradient, weight_m, out=grad_hidden[rows])
+                if every_row and backward_dtype == torch.float32:
+                    torch.mm(gradient, backward_weight, out=grad_hidden[rows])
                 elif every_row:
-                    grad_hidden[rows] = gradient @ weight_m
+                    grad_hidden[rows] = gradient @ backward_weight
                 else:
-                    grad_hidden.index_copy_(0, rows, (gradient @ weight_m).float())
+                    grad_hidden.index_copy_(0, rows, (gradient @ backward_weight).float())
             if grad_weight is not None:
-                if matmul_dtype == torch.float32:
-                    grad_weight.addmm_(gradient.t(), hidden_rows)
+                if backward_dtype == torch.float32:
+                    grad_weight.addmm_(gradient.t(), hidden_rows.float())
                 else:
                     grad_weight += gradient.t() @ hidden_rows
         loss = settings.kd_weight * kd_sum + settings.ce_weight * ce_sum
