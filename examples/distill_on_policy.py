@@ -32,7 +32,6 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,8 +51,9 @@ from transformers import (
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
 
 
-if str(Path(__file__).resolve().parent) not in sys.path:  # `text_corpus.py` sits next to this script
+if str(Path(__file__).resolve().parent) not in sys.path:  # the shared example modules sit next to this script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+from example_utils import Clock, markdown_table  # noqa: E402
 from text_corpus import (  # noqa: E402
     SPLITS,
     chunk_into_blocks,
@@ -129,23 +129,6 @@ def parse_arguments(argv=None) -> tuple[DistillationTrainingArguments, ExampleAr
     if unknown:
         raise ValueError(f"--students takes names among {sorted(STUDENTS)}, got {example_args.students!r}.")
     return training_args, example_args
-
-
-class Clock:
-    """Wall and CPU seconds per phase."""
-
-    def __init__(self):
-        self.wall_s, self.cpu_s, self.start = {}, {}, time.time()
-
-    @contextmanager
-    def __call__(self, phase: str):
-        wall, cpu = time.time(), time.process_time()
-        yield
-        self.wall_s[phase] = round(time.time() - wall, 1)
-        self.cpu_s[phase] = round(time.process_time() - cpu, 1)
-
-    def total(self) -> float:
-        return round(time.time() - self.start, 1)
 
 
 def gpt2_config(example_args, tokenizer, num_layers: int) -> GPT2Config:
@@ -358,23 +341,25 @@ def score(models: dict, teacher, tokenizer, data, example_args, batch_size: int,
     return scores
 
 
-def markdown_table(results: dict) -> str:
-    lines = [
-        "| model | layers | teacher NLL of the model's samples, test (nats/token) | same, validation | distinct tokens per "
-        "sample, test | test perplexity | train time |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+def results_table(results: dict) -> str:
+    header = ["model", "layers", "teacher NLL of the model's samples, test (nats/token)", "same, validation"]
+    header += ["distinct tokens per sample, test", "test perplexity", "train time"]
+    rows = []
     for row in results["models"]:
         test, validation = results["scores"]["test"][row["name"]], results["scores"]["validation"][row["name"]]
-        ppl = f"{test['perplexity']:.2f}" if "perplexity" in test else "—"
         time_s = "—" if row.get("train_time_s") is None else f"{row['train_time_s']:.0f} s"
-        time_s += " (reused)" if row.get("reused") else ""
-        lines.append(
-            f"| {row['name']}: {row['description']} | {row.get('layers', '—')} | "
-            f"{test['teacher_nll_of_samples']:.3f} | {validation['teacher_nll_of_samples']:.3f} | "
-            f"{test['distinct_token_fraction']:.2f} | {ppl} | {time_s} |"
+        rows.append(
+            [
+                f"{row['name']}: {row['description']}",
+                row.get("layers", "—"),
+                f"{test['teacher_nll_of_samples']:.3f}",
+                f"{validation['teacher_nll_of_samples']:.3f}",
+                f"{test['distinct_token_fraction']:.2f}",
+                f"{test['perplexity']:.2f}" if "perplexity" in test else "—",
+                time_s + (" (reused)" if row.get("reused") else ""),
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(header, rows)
 
 
 def plot_results(results: dict, path: Path) -> None:
@@ -573,7 +558,7 @@ def main(argv=None) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot_results(results, output_dir / "results.png")
-    print(f"\n{markdown_table(results)}\n")
+    print(f"\n{results_table(results)}\n")
     print(f"Wall time {results['wall_time_s']:.0f} s; per phase {clock.wall_s}; CPU {clock.cpu_s}.")
     print(f"Wrote {output_dir / 'results.json'} and {output_dir / 'results.png'}.")
     return results

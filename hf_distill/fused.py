@@ -199,12 +199,11 @@ class _Workspace:
     `hf_distill.chunked.divergence_and_student_gradient`)."""
 
     def __init__(self, rows: int, columns: int, device: torch.device):
-        self.columns = columns  # the widest head: max(V_s, V_t)
+        # `columns`: the widest head, max(V_s, V_t)
         self.buffer = torch.empty(7, rows * columns, dtype=torch.float32, device=device)
 
-    def slot(self, index: int, rows: int, columns: int | None = None) -> torch.Tensor:
-        """Slot `index` as a contiguous ``[rows, columns]`` tensor (``columns`` defaults to the widest head)."""
-        columns = self.columns if columns is None else columns
+    def slot(self, index: int, rows: int, columns: int) -> torch.Tensor:
+        """Slot `index` as a contiguous ``[rows, columns]`` tensor."""
         return self.buffer[index, : rows * columns].view(rows, columns)
 
     def slots(self, count: int, rows: int, columns: int) -> torch.Tensor:
@@ -233,14 +232,9 @@ def _cross_entropy(logits, labels, gradient, weight: float, *, accumulate: bool,
     return values, True
 
 
-def _matmul_operand(tensor, dtype, like=None):
-    """``tensor`` in the matmul's dtype: ``dtype`` (autocast's, for floating tensors) if given, else ``like``'s or its
-    own. None stays None."""
-    if tensor is None:
-        return None
-    if dtype is None:
-        dtype = tensor.dtype if like is None else like.dtype
-    return tensor.to(dtype)
+def _matmul_operand(tensor, dtype):
+    """``tensor`` in the matmul's dtype ``dtype`` (None: its own). None stays None."""
+    return tensor if tensor is None or dtype is None else tensor.to(dtype)
 
 
 class _FusedLinearDistillation(torch.autograd.Function):
@@ -250,10 +244,13 @@ class _FusedLinearDistillation(torch.autograd.Function):
         # weight's (float32 for a float32 model, bf16 for a bf16 one). Everything after them runs in float32.
         device_type = hidden.device.type
         autocast_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        teacher_weight = _matmul_operand(settings.teacher_weight, autocast_dtype)
         settings = dataclasses.replace(
             settings,
-            teacher_weight=_matmul_operand(settings.teacher_weight, autocast_dtype),
-            teacher_bias=_matmul_operand(settings.teacher_bias, autocast_dtype, settings.teacher_weight),
+            teacher_weight=teacher_weight,
+            teacher_bias=_matmul_operand(
+                settings.teacher_bias, None if teacher_weight is None else teacher_weight.dtype
+            ),
         )
         with torch.autocast(device_type, enabled=False):
             return _FusedLinearDistillation._forward(

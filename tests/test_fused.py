@@ -399,29 +399,8 @@ def test_bad_arguments_are_named():
 # ---- through the trainer ----
 
 
-def llama_config(hidden_size=16, **overrides):
-    values = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    return LlamaConfig(**{**values, **overrides})
-
-
-FAMILIES = {
-    "gpt2": (lambda: GPT2LMHeadModel(gpt2_config(16)), lambda: GPT2LMHeadModel(gpt2_config(32, n_layer=2))),
-    "llama": (
-        lambda: LlamaForCausalLM(llama_config(16)),
-        lambda: LlamaForCausalLM(llama_config(24, num_hidden_layers=2, tie_word_embeddings=True)),
-    ),
-}
-
-
 def tiny(config_class, hidden_size, **overrides):
+    """A one-layer config of a Llama-like family, `hidden_size` wide (two heads, one key/value head)."""
     values = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=hidden_size,
@@ -432,6 +411,15 @@ def tiny(config_class, hidden_size, **overrides):
         max_position_embeddings=32,
     )
     return config_class(**{**values, **overrides})
+
+
+FAMILIES = {
+    "gpt2": (lambda: GPT2LMHeadModel(gpt2_config(16)), lambda: GPT2LMHeadModel(gpt2_config(32, n_layer=2))),
+    "llama": (
+        lambda: LlamaForCausalLM(tiny(LlamaConfig, 16)),
+        lambda: LlamaForCausalLM(tiny(LlamaConfig, 24, num_hidden_layers=2, tie_word_embeddings=True)),
+    ),
+}
 
 
 # Models whose logits are transformed after the head: softcapping (Gemma 2) and a logit scale (Cohere).
